@@ -288,3 +288,40 @@ def test_predictive_samples_through_sample():
     assert calls.count(1200) == 201
     assert abs(out["x"].mean().item() - 3.0) < 0.05
     assert abs(out["x"].var().item() - 0.25) < 0.03
+
+
+def test_second_plate_at_dim_minus_two_and_enumeration(sde):
+    """Inside a subsets plate at dim -2 and under parallel enumeration of a discrete site,
+    log_prob broadcasts and the ELBO equals the hand-written marginalisation."""
+    from pyro.infer import TraceEnum_ELBO, config_enumerate
+
+    d, B = 2, 5
+    net = GaussianEpsPredictor(sde, var=0.5, z_to_mean=True)
+    locs = torch.tensor([[-1.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    x = torch.randn(B, d)
+
+    @config_enumerate
+    def model(x):
+        with pyro.plate("data", B, dim=-1):
+            c = pyro.sample("c", dist.Categorical(weights))
+            pyro.sample("x", ScoreMatchingLikelihood(net, locs[c], sde, event_shape=(d,)), obs=x)
+
+    guide = lambda x: None
+    torch.manual_seed(21)
+    loss = torch.tensor(TraceEnum_ELBO(max_plate_nesting=1).loss(model, guide, x))
+    torch.manual_seed(21)
+    lp = ScoreMatchingLikelihood(net, locs[:, None, :], sde, event_shape=(d,)).log_prob(x)  # (3, B)
+    assert lp.shape == (3, B)
+    expected = -torch.logsumexp(weights.log()[:, None] + lp, 0).sum()
+    torch.testing.assert_close(loss, expected.to(loss.dtype))
+
+    # a second plate at dim -2 (as in the subset-enumerating guide): z of shape (K, B, D)
+    def model2(x):
+        with pyro.plate("subsets", 3, dim=-2), pyro.plate("data", B, dim=-1):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", ScoreMatchingLikelihood(net, z, sde, event_shape=(d,)), obs=x)
+
+    trace = poutine.trace(model2).get_trace(x)
+    trace.compute_log_prob()
+    assert trace.nodes["x"]["log_prob"].shape == (3, B)

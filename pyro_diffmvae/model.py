@@ -1,0 +1,364 @@
+r"""The multimodal VAE with diffusion decoders as a Pyro model/guide pair (paper eq. 3–5).
+
+Generative model (``model``), per example :math:`b`:
+
+.. math:: z_b \sim \mathcal N(0, I), \qquad x_b^m \sim p_\theta(x^m\mid z_b)\ \text{for each observed } m,
+
+where a missing modality's site is masked (``poutine.mask``) with a placeholder observation —
+never ``obs=None``, which would make Pyro *sample* the site (a full reverse SDE for a diffusion
+decoder) at every training step.
+
+Guide (``guide``): encoders give experts :math:`q(z\mid x^m)`; for a subset :math:`A` of the observed
+modalities, :math:`q(z\mid x_A) = \mathrm{PoE}_A` (with the prior expert by default). The subset
+ELBO (eq. 3–5) is
+
+.. math:: \mathcal L = \sum_{A\in S}\omega_A\Big\{\mathbb E_{q(z\mid x_A)}\Big[\sum_m \lambda_m\log p(x^m\mid z)\Big]
+          - \beta\,\mathrm{KL}(q(z\mid x_A)\Vert p(z))\Big\},
+
+with :math:`\omega_A` renormalised per example over the subsets of its observed modalities.
+
+* ``subset_strategy="sample"`` (default): one subset :math:`A_b\sim\omega_b` per example, drawn with
+  plain torch randomness inside the guide — an unbiased one-decoder-pass estimate of :math:`\mathcal L`.
+* ``subset_strategy="enumerate"``: a ``pyro.plate("subsets", K, dim=-2)`` with
+  ``poutine.scale(ω)`` and ``poutine.mask(ω > 0)`` — exact over subsets, K decoder passes.
+
+Both train with stock ``TraceMeanField_ELBO(max_plate_nesting=2)`` (analytic Gaussian KL).
+β and the likelihood weights :math:`\lambda_m` are ``poutine.scale`` factors, visible in the trace.
+
+A batch is a mapping ``{name: tensor (B, *event_shape), "available": {name: bool (B,)}}``; a
+modality absent from the mapping is missing for every example; ``"available"`` defaults to all
+present; the key ``"meta"`` is ignored (labels and the like).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Mapping, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import nn
+
+from .fusion import SubsetFamily, poe, subset_family, subset_weights
+from .modality import Modality
+
+__all__ = ["MultimodalVAE", "elbo_terms", "FUSIONS", "SUBSET_STRATEGIES"]
+
+#: fusion name -> (default subset family, default prior expert)
+FUSIONS = {
+    "mopoe": ("all", True),
+    "poe": ("full", True),
+    "moe": ("singletons", False),
+}
+SUBSET_STRATEGIES = ("sample", "enumerate")
+RESERVED_KEYS = ("available", "meta")
+
+
+class MultimodalVAE(PyroModule):
+    r"""Multimodal VAE (Diff-MVAE when some decoders are diffusion decoders) as a Pyro program.
+
+    :param modalities: the :class:`~pyro_diffmvae.modality.Modality` list (names unique).
+    :param latent_dim: size D of z.
+    :param fusion: ``"mopoe"`` (all non-empty subsets), ``"poe"`` (the observed set) or
+        ``"moe"`` (singletons, no prior expert).
+    :param subset_strategy: ``"sample"`` or ``"enumerate"`` (see module docstring).
+    :param subsets: override the fusion's subset family: ``"all"``, ``"mvae"``, ``"singletons"``,
+        ``"full"`` or a list of subsets of names. With ``"full"``/``fusion="poe"`` each example uses
+        all of *its* observed modalities.
+    :param subset_weights: ω over the family (default uniform), renormalised per example.
+    :param prior_expert: include N(0, I) in every product (default: the fusion's).
+    :param beta: KL weight β.
+    :param name: the prefix of this module's parameters in Pyro's param store.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[Modality],
+        latent_dim: int,
+        fusion: str = "mopoe",
+        subset_strategy: str = "sample",
+        subsets: SubsetFamily | None = None,
+        subset_weights: Sequence[float] | None = None,
+        prior_expert: bool | None = None,
+        beta: float = 1.0,
+        name: str = "mvae",
+    ):
+        super().__init__()
+        names = [m.name for m in modalities]
+        if not names:
+            raise ValueError("MultimodalVAE needs at least one modality")
+        if len(set(names)) != len(names):
+            raise ValueError(f"modality names must be unique, got {names}")
+        clash = [n for n in names if n in RESERVED_KEYS]
+        if clash:
+            raise ValueError(f"modality names {clash} clash with reserved batch keys {list(RESERVED_KEYS)}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; known: {sorted(FUSIONS)}")
+        if subset_strategy not in SUBSET_STRATEGIES:
+            raise ValueError(f"unknown subset_strategy {subset_strategy!r}; known: {list(SUBSET_STRATEGIES)}")
+        if not beta > 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if not (isinstance(latent_dim, int) and latent_dim > 0):
+            raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+        default_family, default_prior_expert = FUSIONS[fusion]
+        family = default_family if subsets is None else subsets
+        self.modalities = nn.ModuleDict({m.name: m for m in modalities})
+        self.names = names
+        self.latent_dim = latent_dim
+        self.fusion = fusion
+        self.subset_strategy = subset_strategy
+        self.per_example_full = isinstance(family, str) and family == "full"
+        self.register_buffer("subsets", subset_family(names, family))
+        if subset_weights is None:
+            base = torch.ones(self.subsets.shape[0])
+        else:
+            base = torch.as_tensor(subset_weights, dtype=torch.float32)
+            if base.shape != (self.subsets.shape[0],) or (base < 0).any() or base.sum() <= 0:
+                raise ValueError(
+                    f"subset_weights must be {self.subsets.shape[0]} non-negative numbers with a positive "
+                    f"sum (one per subset), got {list(map(float, base.flatten()))}"
+                )
+        self.register_buffer("base_subset_weights", base / base.sum())
+        self.prior_expert = default_prior_expert if prior_expert is None else bool(prior_expert)
+        self.beta = float(beta)
+        self.pyro_name = name
+        self.latent_prior = None  # an optional LatentScorePrior for unconditional generation
+
+    # ------------------------------------------------------------------ batch
+    def parse_batch(self, batch: Mapping) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """Check a batch; return ``(data, available (B, M) bool, B)``.
+
+        ``data`` holds the modalities present in the batch, with unavailable rows replaced by a
+        zero placeholder (their sites are masked out, so the placeholder is never scored).
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"a batch must be a mapping of modality name -> tensor, got {type(batch).__name__}")
+        unknown = [k for k in batch if k not in self.modalities and k not in RESERVED_KEYS]
+        if unknown:
+            raise ValueError(f"unknown modality names {unknown} in batch; known modalities: {self.names}")
+        present = [n for n in self.names if n in batch]
+        if not present:
+            raise ValueError(f"the batch holds none of the modalities {self.names}")
+        sizes = {n: batch[n].shape[0] if isinstance(batch[n], torch.Tensor) and batch[n].dim() else None for n in present}
+        B = sizes[present[0]]
+        if B is None or any(s != B for s in sizes.values()):
+            raise ValueError(f"modalities disagree on the batch size: {sizes}")
+        avail_in = batch.get("available", {}) or {}
+        unknown = [k for k in avail_in if k not in self.modalities]
+        if unknown:
+            raise ValueError(f"unknown modality names {unknown} in batch['available']; known: {self.names}")
+        device = batch[present[0]].device
+        available = torch.zeros(B, len(self.names), dtype=torch.bool, device=device)
+        data = {}
+        for j, name in enumerate(self.names):
+            if name not in batch:
+                if name in avail_in and torch.as_tensor(avail_in[name]).any():
+                    raise ValueError(f"batch['available'][{name!r}] marks examples available but the batch has no {name!r}")
+                continue
+            x = batch[name]
+            a = avail_in.get(name)
+            a = torch.ones(B, dtype=torch.bool, device=device) if a is None else torch.as_tensor(a, device=device)
+            if a.shape != (B,) or a.dtype != torch.bool:
+                raise ValueError(
+                    f"batch['available'][{name!r}] must be a bool tensor of shape ({B},), got "
+                    f"{a.dtype} of shape {tuple(a.shape)}"
+                )
+            self.modalities[name].check_data(x[a])
+            if not a.all():
+                x = torch.where(a.reshape((B,) + (1,) * (x.dim() - 1)), x, torch.zeros_like(x))
+            available[:, j] = a
+            data[name] = x
+        empty = torch.nonzero(~available.any(-1)).flatten().tolist()
+        if empty:
+            raise ValueError(f"examples {empty[:10]} of the batch have no modality available")
+        return data, available, B
+
+    # ---------------------------------------------------------------- experts
+    def experts(self, data: Mapping[str, torch.Tensor], available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack the unimodal experts: ``(mu, logvar)`` of shape ``(B, M, D)``; modalities absent
+        from ``data`` get zeros (they are masked out by ``available``)."""
+        B, D = available.shape[0], self.latent_dim
+        mus, logvars = [], []
+        for name in self.names:
+            if name in data:
+                mu, logvar = self.modalities[name].encode(data[name])
+                if mu.shape != (B, D) or logvar.shape != (B, D):
+                    raise ValueError(
+                        f"encoder of {name!r} returned shapes {tuple(mu.shape)}, {tuple(logvar.shape)}; "
+                        f"expected ({B}, {D}) each"
+                    )
+            else:
+                mu = logvar = available.new_zeros((B, D), dtype=_float_dtype(data))
+            mus.append(mu)
+            logvars.append(logvar)
+        return torch.stack(mus, -2), torch.stack(logvars, -2)
+
+    def subset_weights(self, available: torch.Tensor) -> torch.Tensor:
+        """ω per example and subset, ``(B, K)``, renormalised over the valid subsets."""
+        if self.per_example_full:
+            return torch.ones(available.shape[0], 1, device=available.device)
+        return subset_weights(self.subsets, available, self.base_subset_weights)
+
+    def _subset_masks(self, available: torch.Tensor) -> torch.Tensor:
+        """Expert masks per subset, ``(K, B, M)``."""
+        if self.per_example_full:
+            return available[None]
+        return self.subsets[:, None, :] & available[None]
+
+    @contextmanager
+    def _subset_context(self, weights: torch.Tensor):
+        """Plates, ω-scale and ω>0-mask of the subset strategy (the same in model and guide)."""
+        B, K = weights.shape
+        with ExitStack() as stack:
+            if self.subset_strategy == "enumerate":
+                omega = weights.T  # (K, B); poutine.scale rejects 0, so zeros are masked instead
+                stack.enter_context(pyro.plate("subsets", K, dim=-2))
+                stack.enter_context(pyro.plate("data", B, dim=-1))
+                stack.enter_context(poutine.scale(scale=torch.where(omega > 0, omega, torch.ones_like(omega))))
+                stack.enter_context(poutine.mask(mask=omega > 0))
+            else:
+                stack.enter_context(pyro.plate("data", B, dim=-1))
+            yield
+
+    # -------------------------------------------------------------- programs
+    def model(self, batch: Mapping) -> None:
+        r"""p(z) ∏_m p(x^m | z)^{λ_m}, missing modalities masked; β on the prior site."""
+        pyro.module(self.pyro_name, self)
+        data, available, B = self.parse_batch(batch)
+        weights = self.subset_weights(available)
+        with self._subset_context(weights):
+            with poutine.scale(scale=self.beta):
+                zero = available.new_zeros((), dtype=_float_dtype(data))
+                z = pyro.sample("z", dist.Normal(zero, 1.0).expand([self.latent_dim]).to_event(1))
+            for j, name in enumerate(self.names):
+                if name not in data:
+                    continue
+                modality = self.modalities[name]
+                with poutine.mask(mask=available[:, j]), poutine.scale(scale=modality.weight):
+                    pyro.sample(f"x_{name}", modality.decoder(z), obs=data[name])
+
+    def guide(self, batch: Mapping) -> None:
+        r"""q(z | x_A) = PoE_A (subset drawn per example, or all subsets enumerated); β on z."""
+        pyro.module(self.pyro_name, self)
+        data, available, B = self.parse_batch(batch)
+        mu, logvar = self.experts(data, available)
+        weights = self.subset_weights(available)
+        masks = self._subset_masks(available)  # (K, B, M)
+        if self.subset_strategy == "sample":
+            k = torch.multinomial(weights, 1).squeeze(-1)  # plain torch randomness, not a Pyro site
+            expert_mask = masks[k, torch.arange(B, device=k.device)]
+            mu_z, logvar_z = poe(mu, logvar, expert_mask, self.prior_expert)
+        else:
+            mu_z, logvar_z = poe(mu.unsqueeze(0), logvar.unsqueeze(0), masks, self.prior_expert)
+        with self._subset_context(weights), poutine.scale(scale=self.beta):
+            pyro.sample("z", dist.Normal(mu_z, torch.exp(0.5 * logvar_z)).to_event(1))
+
+    # ------------------------------------------------------------ inference
+    def posterior(self, batch: Mapping, given: Sequence[str] | None = None) -> dist.TorchDistribution:
+        """q(z | x_given) = PoE of the given observed experts (+ prior expert), shape ``(B,)``."""
+        data, available, B = self.parse_batch(batch)
+        given = self.names if given is None else list(given)
+        unknown = [g for g in given if g not in self.modalities]
+        if unknown:
+            raise ValueError(f"unknown modality names {unknown} in given; known: {self.names}")
+        keep = torch.tensor([n in given for n in self.names], device=available.device)
+        mask = available & keep
+        if not self.prior_expert and not mask.any(-1).all():
+            raise ValueError(f"some examples observe none of the given modalities {given}")
+        mu, logvar = self.experts({n: x for n, x in data.items() if n in given}, mask)
+        mu_z, logvar_z = poe(mu, logvar, mask, self.prior_expert)
+        return dist.Normal(mu_z, torch.exp(0.5 * logvar_z)).to_event(1)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, targets: Sequence[str] | None = None, sampler: str | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
+        """Decode latents into the target modalities (feed-forward: the mean; diffusion: a sample)."""
+        targets = self.names if targets is None else list(targets)
+        unknown = [t for t in targets if t not in self.modalities]
+        if unknown:
+            raise ValueError(f"unknown modality names {unknown} in targets; known: {self.names}")
+        return {t: self.modalities[t].decoder.generate(z, sampler=sampler, steps=steps) for t in targets}
+
+    @torch.no_grad()
+    def reconstruct(self, batch: Mapping, sampler: str | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
+        """Decode every modality from the posterior mean given all observed modalities."""
+        z = self.posterior(batch).mean
+        return self.decode(z, sampler=sampler, steps=steps)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: Mapping,
+        given: Sequence[str],
+        targets: Sequence[str] | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        use_mean: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Any-to-any conditional generation: z ~ q(z | x_given) (its mean with ``use_mean``),
+        then each target (default: the modalities not given) from its decoder."""
+        targets = [n for n in self.names if n not in given] if targets is None else list(targets)
+        q = self.posterior(batch, given)
+        z = q.mean if use_mean else q.sample()
+        return self.decode(z, targets, sampler=sampler, steps=steps)
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, prior: str = "normal", targets: Sequence[str] | None = None, sampler: str | None = None, steps: int | None = None,
+        prior_sampler: str | None = None, prior_steps: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unconditional generation: z from N(0, I) (``prior="normal"``) or from the latent score
+        prior (``prior="score"``, needs ``self.latent_prior``), then every target modality."""
+        device = self.subsets.device
+        if prior == "normal":
+            z = torch.randn(n, self.latent_dim, device=device)
+        elif prior == "score":
+            if self.latent_prior is None:
+                raise ValueError("prior='score' needs a fitted latent prior: set model.latent_prior (see LatentScorePrior)")
+            z = self.latent_prior.sample(n, sampler=prior_sampler, steps=prior_steps)
+        else:
+            raise ValueError(f"unknown prior {prior!r}; known: 'normal', 'score'")
+        return self.decode(z, targets, sampler=sampler, steps=steps)
+
+
+def _float_dtype(data: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the first floating-point modality (tokens are integers), else the default."""
+    for x in data.values():
+        if x.is_floating_point():
+            return x.dtype
+    return torch.get_default_dtype()
+
+
+def elbo_terms(vae: MultimodalVAE, batch: Mapping) -> dict[str, torch.Tensor]:
+    r"""The parts of the (subset) ELBO estimate for one draw, per example of the batch.
+
+    Returns ``{"loglik/<name>": Σ weighted log p(x^m|z), "kl": KL(q‖p) (without β), "elbo": the
+    objective that ``TraceMeanField_ELBO`` maximises, i.e. Σ_m loglik − β·KL}``, each divided by
+    the batch size. ω weights and availability masks are applied as in the ELBO.
+    """
+    from pyro.distributions.kl import kl_divergence
+    from pyro.distributions.util import scale_and_mask
+    from pyro.poutine.util import site_is_subsample
+
+    guide_trace = poutine.trace(vae.guide).get_trace(batch)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(batch)
+    model_trace.compute_log_prob()
+    B = vae.parse_batch(batch)[2]
+    out: dict[str, torch.Tensor] = {}
+    elbo = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if site["is_observed"]:
+            out[f"loglik/{name[2:]}"] = site["log_prob_sum"] / B
+            elbo = elbo + site["log_prob_sum"]
+        else:
+            q = guide_trace.nodes[name]
+            kl = kl_divergence(q["fn"], site["fn"])
+            kl = scale_and_mask(kl, q["scale"], q["mask"]).sum()
+            out["kl"] = kl / vae.beta / B
+            elbo = elbo - kl
+    out["elbo"] = elbo / B
+    return out

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from pyro_diffmvae.fusion import poe, subset_family, subset_weights
+
+
+def numpy_poe(mu, var, prior=True):
+    """Precision-weighted product of diagonal Gaussians, the textbook way."""
+    prec = 1.0 / var
+    if prior:
+        prec = np.concatenate([prec, np.ones_like(prec[:1])], 0)
+        mu = np.concatenate([mu, np.zeros_like(mu[:1])], 0)
+    var_joint = 1.0 / prec.sum(0)
+    return var_joint * (prec * mu).sum(0), var_joint
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_poe_matches_numpy(prior):
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(3, 5))
+    var = rng.uniform(0.1, 3.0, size=(3, 5))
+    m, lv = poe(torch.tensor(mu), torch.tensor(np.log(var)), prior_expert=prior)
+    m_np, v_np = numpy_poe(mu, var, prior)
+    np.testing.assert_allclose(m.numpy(), m_np, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(lv.numpy()), v_np, rtol=1e-12)
+
+
+def test_poe_single_expert_without_prior_is_identity():
+    mu, lv = torch.randn(4, 1, 3), torch.randn(4, 1, 3)
+    m, v = poe(mu, lv, prior_expert=False)
+    torch.testing.assert_close(m, mu[:, 0])
+    torch.testing.assert_close(v, lv[:, 0])
+
+
+def test_poe_stable_at_extreme_logvars():
+    mu = torch.tensor([[1.0, 2.0], [-3.0, 5.0]])  # (M=2, D=2)
+    logvar = torch.tensor([[-50.0, 50.0], [50.0, -50.0]], requires_grad=True)
+    m, lv = poe(mu, logvar, prior_expert=True)
+    assert torch.isfinite(m).all() and torch.isfinite(lv).all()
+    # the very precise expert dominates each dim
+    torch.testing.assert_close(m, torch.tensor([1.0, 5.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lv, torch.tensor([-50.0, -50.0]), atol=1e-6, rtol=0)
+    (m.sum() + lv.sum()).backward()
+    assert torch.isfinite(logvar.grad).all()
+
+
+def test_masked_experts_do_not_leak_nan():
+    mu = torch.tensor([[1.0, 1.0], [float("nan"), float("nan")], [2.0, 0.0]], requires_grad=True)
+    logvar = torch.tensor([[0.0, 0.0], [float("nan"), float("inf")], [1.0, -1.0]], requires_grad=True)
+    mask = torch.tensor([True, False, True])
+    m, lv = poe(mu, logvar, mask, prior_expert=True)
+    m_ref, lv_ref = poe(mu[[0, 2]].detach(), logvar[[0, 2]].detach(), prior_expert=True)
+    torch.testing.assert_close(m, m_ref)
+    torch.testing.assert_close(lv, lv_ref)
+    (m.sum() + lv.sum()).backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
+    assert (mu.grad[1] == 0).all() and (logvar.grad[1] == 0).all()
+
+
+def test_all_masked_gives_prior_or_error():
+    mu, lv = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    m, v = poe(mu, lv, mask, prior_expert=True)
+    torch.testing.assert_close(m, torch.zeros(2, 4))
+    torch.testing.assert_close(v, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="no expert"):
+        poe(mu, lv, mask, prior_expert=False)
+    with pytest.raises(ValueError, match="mu has shape"):
+        poe(mu, lv[..., :2])
+
+
+def test_subset_families():
+    names = ["a", "b", "c"]
+    all_ = subset_family(names, "all")
+    assert all_.shape == (7, 3) and all_.sum(1).tolist() == [1, 1, 1, 2, 2, 2, 3]
+    assert len({tuple(r) for r in all_.tolist()}) == 7
+    assert subset_family(names, "mvae").tolist() == [[True] * 3, [True, False, False], [False, True, False], [False, False, True]]
+    assert subset_family(names, "singletons").sum(1).tolist() == [1, 1, 1]
+    assert subset_family(names, "full").tolist() == [[True] * 3]
+    assert subset_family(names, [["c", "a"], ["b"]]).tolist() == [[True, False, True], [False, True, False]]
+    with pytest.raises(ValueError, match=r"unknown modalities \['d'\]"):
+        subset_family(names, [["a", "d"]])
+    with pytest.raises(ValueError, match="unknown subset family 'pairs'"):
+        subset_family(names, "pairs")
+
+
+def test_subset_weights_renormalise_over_available():
+    fam = subset_family(["a", "b", "c"], "all")
+    available = torch.tensor([[True, True, True], [True, False, False], [True, True, False]])
+    w = subset_weights(fam, available)
+    torch.testing.assert_close(w.sum(1), torch.ones(3))
+    torch.testing.assert_close(w[0], torch.full((7,), 1 / 7))
+    # only {a} is valid for the second example
+    assert w[1].tolist() == [1.0, 0, 0, 0, 0, 0, 0]
+    # {a}, {b}, {a,b} for the third
+    valid = [(fam[k] & ~available[2]).any().item() is False for k in range(7)]
+    torch.testing.assert_close(w[2], torch.tensor(valid, dtype=torch.float32) / 3)
+    base = torch.arange(1.0, 8.0)
+    wb = subset_weights(fam, available, base)
+    torch.testing.assert_close(wb[0], base / base.sum())
+    with pytest.raises(ValueError, match=r"examples \[0\] have no valid subset"):
+        subset_weights(fam, torch.tensor([[False, False, False]]))
