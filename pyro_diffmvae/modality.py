@@ -164,6 +164,16 @@ class DiffusionDecoder(nn.Module):
         )
         self(torch.zeros(1, 1))  # fail early on bad settings (no network call happens here)
 
+    @property
+    def is_bound(self) -> bool:
+        """Whether the likelihood's ``log_prob`` is a lower bound on log p(x|z)."""
+        return self(torch.zeros(1, 1)).is_bound
+
+    @property
+    def objective(self) -> str:
+        """What the likelihood's ``log_prob`` computes, in words."""
+        return self(torch.zeros(1, 1)).objective
+
     def forward(self, z: torch.Tensor) -> ScoreMatchingLikelihood:
         """The likelihood p_θ(x | z), batch shape ``z.shape[:-1]``."""
         return ScoreMatchingLikelihood(self.eps_net, z, self.sde, event_shape=self.event_shape, **self.likelihood_kwargs)

@@ -115,7 +115,7 @@ class MultimodalVAE(PyroModule):
         if subset_weights is None:
             base = torch.ones(self.subsets.shape[0])
         else:
-            base = torch.as_tensor(subset_weights, dtype=torch.float32)
+            base = torch.as_tensor(subset_weights, dtype=torch.get_default_dtype())
             if base.shape != (self.subsets.shape[0],) or (base < 0).any() or base.sum() <= 0:
                 raise ValueError(
                     f"subset_weights must be {self.subsets.shape[0]} non-negative numbers with a positive "
@@ -196,8 +196,12 @@ class MultimodalVAE(PyroModule):
             logvars.append(logvar)
         return torch.stack(mus, -2), torch.stack(logvars, -2)
 
-    def subset_weights(self, available: torch.Tensor) -> torch.Tensor:
-        """ω per example and subset, ``(B, K)``, renormalised over the valid subsets."""
+    def subset_weights(self, available: torch.Tensor | Mapping) -> torch.Tensor:
+        """ω per example and subset, ``(B, K)``, renormalised over the valid subsets.
+
+        ``available`` is the ``(B, M)`` availability tensor or a batch."""
+        if isinstance(available, Mapping):
+            available = self.parse_batch(available)[1]
         if self.per_example_full:
             return torch.ones(available.shape[0], 1, device=available.device)
         return subset_weights(self.subsets, available, self.base_subset_weights)
@@ -253,8 +257,10 @@ class MultimodalVAE(PyroModule):
             mu_z, logvar_z = poe(mu, logvar, expert_mask, self.prior_expert)
         else:
             mu_z, logvar_z = poe(mu.unsqueeze(0), logvar.unsqueeze(0), masks, self.prior_expert)
+        # the drawn subsets (sample strategy) are recorded in the site's infer dict for inspection
+        infer = {"subset_index": k} if self.subset_strategy == "sample" else {}
         with self._subset_context(weights), poutine.scale(scale=self.beta):
-            pyro.sample("z", dist.Normal(mu_z, torch.exp(0.5 * logvar_z)).to_event(1))
+            pyro.sample("z", dist.Normal(mu_z, torch.exp(0.5 * logvar_z)).to_event(1), infer=infer)
 
     # ------------------------------------------------------------ inference
     def posterior(self, batch: Mapping, given: Sequence[str] | None = None) -> dist.TorchDistribution:

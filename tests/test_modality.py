@@ -68,6 +68,8 @@ def test_diffusion_decoder_builds_score_matching_likelihood():
     assert isinstance(lik, ScoreMatchingLikelihood)
     assert lik.batch_shape == (5,) and lik.event_shape == (3, 4, 4)
     assert lik.weighting_name == "simple" and lik.num_draws == 2 and not lik.is_bound
+    assert not dec.is_bound and "not a bound" in dec.objective
+    assert DiffusionDecoder(eps, (3,)).is_bound
     assert dec.generate(torch.zeros(2, 7), sampler="ddim", steps=2).shape == (2, 3, 4, 4)
 
 

@@ -158,6 +158,7 @@ def test_missing_modality_uses_only_observed_subsets():
     for _ in range(5):
         guide_trace = poutine.trace(vae.guide).get_trace(batch)
         q = guide_trace.nodes["z"]["fn"].base_dist
+        assert guide_trace.nodes["z"]["infer"]["subset_index"][1].item() == 0  # the subset {a}
         mu, var = subset_posterior({"a": x["a"][1:2]}, "a")
         torch.testing.assert_close(q.loc[1], mu[0])
         torch.testing.assert_close(q.scale[1] ** 2, var[0])
@@ -272,3 +273,18 @@ def test_bad_input_errors():
     bern = Modality("m", MLPEncoder(2, 2), FeedForwardDecoder(nn.Linear(2, 2), (2,), "bernoulli"))
     with pytest.raises(ValueError, match=r"Bernoulli data must lie in \[0, 1\]"):
         MultimodalVAE([bern], 2).parse_batch({"m": torch.full((2, 2), 3.0)})
+
+
+def test_custom_subset_weights_follow_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        vae = make_vae(subset_weights=[1, 2, 3, 1, 1, 1, 1], subset_strategy="enumerate")
+        assert vae.base_subset_weights.dtype == torch.float64
+        assert vae.base_subset_weights[0].item() == pytest.approx(0.1, abs=1e-15)
+        x = {m: v.double() for m, v in sample_data(2).items()}
+        torch.testing.assert_close(vae.subset_weights(x)[0], torch.tensor([1, 2, 3, 1, 1, 1, 1.0], dtype=torch.float64) / 10)
+    finally:
+        torch.set_default_dtype(old)
+    with pytest.raises(ValueError, match="subset_weights must be 7 non-negative numbers"):
+        make_vae(subset_weights=[1, 2])
