@@ -273,3 +273,18 @@ def test_group_norm_clamped():
             assert m.num_channels % m.num_groups == 0
     x, z, t = _inputs(net)
     assert net(x, z, t).shape == x.shape
+
+
+def test_spatial_z_conditioning_changes_output_through_input_map():
+    torch.manual_seed(0)
+    net = ConditionalUNet(in_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(), image_size=16, z_dim=4, z_spatial_channels=2)
+    assert net.conv_in.in_channels == 5
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    with torch.no_grad():  # remove the AdaGN path of z so that only the spatial map carries it
+        for p in net.z_proj.parameters():
+            p.zero_()
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    a = net(x, torch.zeros(2, 4), t)
+    b = net(x, torch.ones(2, 4), t)
+    assert (a - b).abs().max() > 1e-4

@@ -268,6 +268,13 @@ class ConditionalUNet(nn.Module):
         num_groups: GroupNorm groups (reduced to a divisor of the channel count).
         mid_attention: put an attention block in the middle block (lowest
             resolution) regardless of ``attention_resolutions``, as in DDPM.
+        z_spatial_channels: if > 0 (and ``z_dim`` is set), ``z`` is also given to
+            the net *spatially*: a linear map of ``z`` to a
+            ``(z_spatial_channels, 4, 4)`` map, upsampled (bilinear) to the
+            image size and concatenated to ``x_t`` before the first conv. At high
+            noise only ``z`` can say what to draw where; this path makes that
+            information available at every pixel, not only through the
+            normalisation scale/shift.
     """
 
     def __init__(
@@ -285,6 +292,7 @@ class ConditionalUNet(nn.Module):
         dropout: float = 0.0,
         num_groups: int = 32,
         mid_attention: bool = True,
+        z_spatial_channels: int = 0,
     ):
         super().__init__()
         channel_mults = tuple(int(m) for m in channel_mults)
@@ -341,7 +349,11 @@ class ConditionalUNet(nn.Module):
             return _LevelBlock(ResBlock(cin, cout, emb_dim, dropout, num_groups), attn)
 
         # ---- down path: every module's output is a skip connection ----
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.z_spatial_channels = int(z_spatial_channels) if z_dim is not None else 0
+        self.z_map = (
+            nn.Linear(z_dim, self.z_spatial_channels * 16) if self.z_spatial_channels > 0 else None
+        )
+        self.conv_in = nn.Conv2d(in_channels + self.z_spatial_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
         ch = base_channels
@@ -461,7 +473,12 @@ class ConditionalUNet(nn.Module):
         t = self._check_inputs(x_t, z, t)
         emb = self.embed(z, t)
 
-        h = self.conv_in(x_t)
+        if self.z_map is not None:
+            z_map = self.z_map(z).reshape(z.shape[0], self.z_spatial_channels, 4, 4)
+            z_map = F.interpolate(z_map, size=x_t.shape[-2:], mode="bilinear", align_corners=False)
+            h = self.conv_in(torch.cat([x_t, z_map.to(x_t.dtype)], 1))
+        else:
+            h = self.conv_in(x_t)
         skips = [h]
         for block in self.down:
             h = block(h) if isinstance(block, Downsample) else block(h, emb)
