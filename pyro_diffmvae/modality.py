@@ -132,6 +132,8 @@ class DiffusionDecoder(nn.Module):
         :class:`ScoreMatchingLikelihood` (``"likelihood"`` for Diff-MVAE, ``"simple"`` for Diff-MVAE*).
     :param sampler, sampler_steps: the default reverse-time sampler for generation
         (``"sde"`` with 1000 steps in the paper's Diff-MVAE, ``"ddim"`` with 50 in Diff-MVAE*).
+    :param output_range: clamp generated samples to this ``(low, high)`` data range (e.g. images
+        in [-1, 1]); ``None`` leaves them as the sampler returns them.
     """
 
     is_diffusion = True
@@ -148,8 +150,10 @@ class DiffusionDecoder(nn.Module):
         control_variate: bool = False,
         sampler: str = "ddim",
         sampler_steps: int | None = None,
+        output_range: tuple[float, float] | None = None,
     ):
         super().__init__()
+        self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
         self.eps_net = eps_net
         self.event_shape = torch.Size(event_shape)
         self.sde = sde if sde is not None else VPSDE()
@@ -186,7 +190,8 @@ class DiffusionDecoder(nn.Module):
             kwargs["sampler"] = sampler
         if steps is not None:
             kwargs["sampler_steps"] = steps
-        return ScoreMatchingLikelihood(self.eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
+        x = ScoreMatchingLikelihood(self.eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
+        return x if self.output_range is None else x.clamp(*self.output_range)
 
     def check_data(self, name: str, x: torch.Tensor) -> None:
         if not x.is_floating_point():

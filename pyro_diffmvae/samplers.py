@@ -109,6 +109,36 @@ class _ReverseVPSDE(torch.nn.Module):
         return self.sde.diffusion(t).expand_as(y)
 
 
+class _ZeroBrownian(torchsde.BaseBrownian):
+    """A Brownian motion that is identically zero, for the probability-flow ODE (g = 0)."""
+
+    def __init__(self, t0: float, t1: float, like: torch.Tensor):
+        super().__init__()
+        self._t0, self._t1, self._like = t0, t1, like
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        return torch.zeros_like(self._like)
+
+    def __repr__(self):
+        return "_ZeroBrownian()"
+
+    @property
+    def dtype(self):
+        return self._like.dtype
+
+    @property
+    def device(self):
+        return self._like.device
+
+    @property
+    def shape(self):
+        return self._like.shape
+
+    @property
+    def levy_area_approximation(self):
+        return "none"
+
+
 def _torchsde_solve(eps_net, shape, sde, steps, z, probability_flow, method, callback, x_T, denoise, device, dtype, generator):
     shape = _check_common(shape, steps, z)
     device = device if device is not None else (z.device if z is not None else None)
@@ -137,9 +167,12 @@ def _torchsde_solve(eps_net, shape, sde, steps, z, probability_flow, method, cal
     y0 = x.reshape(shape[0], -1)
     # A seed drawn from torch's RNG makes the Brownian path reproducible under torch.manual_seed.
     entropy = int(torch.randint(0, 2**31 - 1, (), generator=generator).item())
-    bm = torchsde.BrownianInterval(
-        t0=0.0, t1=span, size=y0.shape, dtype=y0.dtype, device=y0.device, entropy=entropy
-    )
+    if probability_flow:  # zero diffusion: no Brownian increments need to be drawn at all
+        bm = _ZeroBrownian(0.0, span, y0)
+    else:  # the dt hint lets the Brownian interval draw ~2 normals per step instead of ~9 at 1000 steps
+        bm = torchsde.BrownianInterval(
+            t0=0.0, t1=span, size=y0.shape, dtype=y0.dtype, device=y0.device, entropy=entropy, dt=dt
+        )
     with torch.no_grad():
         ys = torchsde.sdeint(system, y0, ts, bm=bm, method=method, dt=dt)
     x = ys[-1].reshape(shape)

@@ -10,8 +10,8 @@ Three measurements (numbers only; nothing here asserts on speed):
    .. math:: x_{t-h} = x_t - [f(x_t,t) - g^2(t)\,s_\theta]\,h + g(t)\sqrt h\,\xi,
              \qquad s_\theta = -\hat\epsilon_\theta/\sigma_t,\ f = -\tfrac12\beta x,\ g^2 = \beta,
 
-   with the same net, the same time grid (the hand loop copies torchsde's float64 grid, including
-   any extra round-off step) and therefore the same number of network evaluations (NFE); the
+   with the same net, the same time grid (recorded from torchsde's Brownian queries by a cheap probe
+   run, so any round-off step is copied too) and so the same number of network evaluations (NFE); the
    samplers' final Tweedie denoise step is switched off (``denoise=False``). Reports the ratio
    torchsde / hand-written (target <= 1.10x) and the per-step overhead in ms. An optional check
    drives the hand loop with torchsde's own Brownian path and compares the two results.
@@ -19,8 +19,20 @@ Three measurements (numbers only; nothing here asserts on speed):
    (:func:`sample_reverse_sde`) vs probability-flow ODE-100 (:func:`sample_probability_flow`), as
    users call them (``denoise=True``), in s/batch and images/s. ``--sde-steps`` / ``--ode-steps`` /
    ``--ddim-steps`` run fewer steps and extrapolate linearly in NFE (labelled ``extrapolated``).
+   By default the solver's own cost is timed with a null net at the nominal step count and only the
+   network time is scaled (``BrownianInterval``'s cost per step grows with the step count).
 3. **Overhead breakdown** with a null network (``zeros_like``) so that only the solver machinery
-   is timed: hand loop, torchsde, ``BrownianInterval`` queries alone, ``torch.randn`` alone.
+   is timed: hand loop, torchsde, ``BrownianInterval`` queries alone (with and without a ``dt``
+   hint, with the number of Gaussian draws per step), ``torch.randn`` alone.
+
+Step counts for which the sampler's ``BrownianInterval`` (built without a ``dt`` hint) would build
+an astronomically large tree (a round-off step as its 101st query: out of memory) are detected by
+the probe and replaced by the nearest safe count, with a note (``--allow-bm-hazard`` to run anyway).
+
+Times are wall clock (``perf_counter``, ``torch.cuda.synchronize()`` around each run on CUDA;
+warm-up first; median over repeats) and, next to them, this process's CPU time (all threads), which
+is far less sensitive to other load on a shared CPU box; ``--threads 1`` makes CPU time equal the
+work done (with more threads it includes OpenMP spinning). On CUDA the CPU column is host time only.
 
 Output is Markdown on stdout (and in ``--out PATH``), with the command line and hardware header.
 
@@ -74,49 +86,67 @@ class CountingNet:
         return self.net(x, z, t)
 
 
-def torchsde_grid(span: float, steps: int) -> list[tuple[float, float]]:
-    """The (s0, s1) steps torchsde's fixed-step loop takes on ``ts = [0, span]`` with ``dt = span/steps``.
+class Probe:
+    """What a sampler does at a step count, found by running it with a null net and a fake Brownian
+    motion (``BrownianInterval.__call__`` patched to record its queries and return zeros), so it costs
+    little and cannot trigger the tree blow-up described in :func:`Probe.hazard`."""
 
-    Mirrors ``BaseSDESolver.integrate``: ``next_t = min(curr_t + dt, ts[-1])`` in float64, looping
-    while ``curr_t < ts[-1]``; round-off can leave one extra step of length ~1e-16..1e-14.
-    """
-    dt = span / steps
-    grid, s = [], 0.0
-    while s < span:
-        nxt = min(s + dt, span)
-        grid.append((s, nxt))
-        s = nxt
-    return grid
+    def __init__(self, fn, steps: int, shape, sde: VPSDE, z, **kwargs):
+        from torchsde._brownian.brownian_interval import BrownianInterval
+
+        self.steps, self.grid, self.bm_dt, self.bm_seen = steps, [], None, False
+        null = CountingNet(lambda x, z_, t: torch.zeros_like(x))
+        orig = BrownianInterval.__call__
+
+        def fake(bm, ta, tb=None, return_U=False, return_A=False):
+            self.bm_seen, self.bm_dt = True, bm._dt
+            if tb is not None and float(ta) != float(tb):
+                self.grid.append((float(ta), float(tb)))
+            return torch.zeros(bm._size, dtype=bm._dtype, device=bm._device)
+
+        BrownianInterval.__call__ = fake
+        try:
+            fn(null, shape, sde, steps=steps, z=z, **kwargs)
+        finally:
+            BrownianInterval.__call__ = orig
+        self.nfe = null.calls
+        self.span = sde.T - sde.eps
+
+    @property
+    def hazard(self) -> float:
+        """Tree intervals ``BrownianInterval(dt=None)`` would build. With no ``dt`` hint it counts 100
+        warm-up queries, then builds a dependency tree of pieces 0.8 * cache_size * (length of query
+        #101); a round-off step there (~1e-15) means ~1e13 intervals: the process runs out of memory."""
+        if not self.bm_seen or self.bm_dt is not None or len(self.grid) <= _BM_WARMUP_QUERIES:
+            return 0.0
+        s0, s1 = self.grid[_BM_WARMUP_QUERIES]
+        return self.span / (_BM_PIECE_FACTOR * (s1 - s0)) if s1 > s0 else math.inf
+
+    def describe_hazard(self) -> str:
+        s0, s1 = self.grid[_BM_WARMUP_QUERIES]
+        return (
+            f"at {self.steps} steps the torchsde grid has {len(self.grid)} steps and query #{_BM_WARMUP_QUERIES + 1} "
+            f"is {s1 - s0:.1e} long, so the sampler's BrownianInterval (no `dt` hint) would build "
+            f"~{self.hazard:.0e} tree intervals and run out of memory"
+        )
 
 
-def bm_hazard(span: float, steps: int) -> float:
-    """Number of dependency-tree pieces BrownianInterval(dt=None) would build for this grid
-    (0 if it never builds one). A round-off step as query #101 makes this astronomically large."""
-    grid = torchsde_grid(span, steps)
-    if len(grid) <= _BM_WARMUP_QUERIES:
-        return 0.0
-    s0, s1 = grid[_BM_WARMUP_QUERIES]
-    dt = s1 - s0
-    return span / (_BM_PIECE_FACTOR * dt) if dt > 0 else math.inf
-
-
-def safe_steps(span: float, steps: int, allow: bool) -> tuple[int, str]:
-    """``steps`` itself, or the nearest step count whose torchsde grid does not blow up BrownianInterval."""
-    if allow or bm_hazard(span, steps) < _BM_MAX_PIECES:
-        return steps, ""
+def safe_probe(fn, steps: int, shape, sde, z, allow: bool, **kwargs) -> tuple[Probe, str]:
+    """Probe at ``steps``, or (unless ``allow``) at the nearest step count that does not blow up."""
+    pr = Probe(fn, steps, shape, sde, z, **kwargs)
+    if allow or pr.hazard < _BM_MAX_PIECES:
+        return pr, ""
     for delta in range(1, steps):
         for cand in (steps - delta, steps + delta):
-            if cand >= 1 and bm_hazard(span, cand) < _BM_MAX_PIECES:
-                n_extra = len(torchsde_grid(span, steps)) - steps
-                note = (
-                    f"{steps} steps not run: torchsde's float64 grid has {steps + n_extra} steps "
-                    f"(last one ~{torchsde_grid(span, steps)[-1][1] - torchsde_grid(span, steps)[-1][0]:.1e} long), "
-                    f"so BrownianInterval's query #{_BM_WARMUP_QUERIES + 1} is that round-off step and "
-                    f"it would build ~{bm_hazard(span, steps):.0e} tree intervals (runs out of memory); "
-                    f"measured at {cand} steps instead"
-                )
-                return cand, note
+            if cand >= 1:
+                alt = Probe(fn, cand, shape, sde, z, **kwargs)
+                if alt.hazard < _BM_MAX_PIECES:
+                    return alt, f"{pr.describe_hazard()}; measured at {cand} steps instead"
     raise RuntimeError(f"no safe step count near {steps}")
+
+
+def uniform_grid(span: float, steps: int) -> list[tuple[float, float]]:
+    return [(span * i / steps, span * (i + 1) / steps) for i in range(steps)]
 
 
 def sync(device: torch.device):
@@ -124,12 +154,17 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call of ``fn``."""
     sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -241,8 +276,10 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- part 1
 def bench_overhead(args, net, sde, shape, z, device, out: list[str]):
     span = sde.T - sde.eps
-    steps, note = safe_steps(span, args.steps, args.allow_bm_hazard)
-    grid = torchsde_grid(span, steps)
+    pr, note = safe_probe(sample_reverse_sde, args.steps, shape, sde, z, args.allow_bm_hazard, denoise=False)
+    steps = pr.steps
+    # The hand loop walks the very grid torchsde walks (recorded from its Brownian queries).
+    grid = pr.grid or uniform_grid(span, steps)
     cnet = CountingNet(net)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     x_T = torch.randn(shape, device=device, generator=gen)
@@ -257,7 +294,7 @@ def bench_overhead(args, net, sde, shape, z, device, out: list[str]):
     w = min(steps, args.warmup_steps)
     for _ in range(args.warmup):
         run_torchsde(w)
-        run_hand(torchsde_grid(span, w))
+        run_hand(grid[:w])
 
     t_sde, t_hand, nfe_sde, nfe_hand = [], [], set(), set()
     for r in range(args.repeats):
@@ -273,42 +310,52 @@ def bench_overhead(args, net, sde, shape, z, device, out: list[str]):
     if nfe_sde != nfe_hand:
         out.append(f"> WARNING: NFE differ: torchsde {sorted(nfe_sde)}, hand-written {sorted(nfe_hand)}")
 
-    med_sde, med_hand = statistics.median(t_sde), statistics.median(t_hand)
-    paired = statistics.median(a / b for a, b in zip(t_sde, t_hand))
+    (med_sde, cpu_sde), (med_hand, cpu_hand) = medians(t_sde), medians(t_hand)
+    paired = statistics.median(a[0] / b[0] for a, b in zip(t_sde, t_hand))
     ratio = med_sde / med_hand
     overhead_ms = (med_sde - med_hand) / nfe * 1e3
+    min_sde, min_hand = min(a[0] for a in t_sde), min(b[0] for b in t_hand)
 
     out.append(f"## 1. Reverse SDE, Euler–Maruyama: torchsde vs hand-written loop ({args.repeats} repeats, median)\n")
     if note:
         out.append(f"> NOTE: {note}.\n")
     if len(grid) != steps:
         out.append(
-            f"> NOTE: torchsde's float64 grid for {steps} steps has {len(grid)} steps (a round-off step of "
-            f"{grid[-1][1] - grid[-1][0]:.1e}); the hand-written loop copies that grid so both make {nfe} net calls.\n"
+            f"> NOTE: torchsde's grid for {steps} steps has {len(grid)} steps (last one "
+            f"{grid[-1][1] - grid[-1][0]:.1e} long); the hand-written loop copies that grid so both make {nfe} net calls.\n"
         )
     rows = [
-        ["`sample_reverse_sde(denoise=False)` (torchsde)", f"{steps} ({nfe})", fmt(med_sde), fmt(med_sde / nfe * 1e3), fmt(min(t_sde) / nfe * 1e3)],
-        ["hand-written Euler–Maruyama loop", f"{len(grid)} ({max(nfe_hand)})", fmt(med_hand), fmt(med_hand / nfe * 1e3), fmt(min(t_hand) / nfe * 1e3)],
+        ["`sample_reverse_sde(denoise=False)` (torchsde)", f"{steps} ({nfe})", fmt(med_sde), fmt(med_sde / nfe * 1e3),
+         fmt(min_sde / nfe * 1e3), fmt(cpu_sde / nfe * 1e3)],
+        ["hand-written Euler–Maruyama loop", f"{len(grid)} ({max(nfe_hand)})", fmt(med_hand), fmt(med_hand / nfe * 1e3),
+         fmt(min_hand / nfe * 1e3), fmt(cpu_hand / nfe * 1e3)],
     ]
-    out.append(md_table(["sampler", "steps (NFE)", "s / run (median)", "ms / step (median)", "ms / step (min)"], rows))
+    out.append(md_table(["sampler", "steps (NFE)", "s / run (median)", "ms / step (median)", "ms / step (min)",
+                         "CPU ms / step (median)"], rows))
     verdict = "within" if ratio <= 1.10 else "ABOVE"
     out.append(
         f"\n- ratio torchsde / hand-written: **{ratio:.3f}x** (median of per-repeat paired ratios {paired:.3f}x; "
         f"{verdict} the 1.10x target)\n"
-        f"- torchsde overhead per step: **{overhead_ms:+.2f} ms** "
+        f"- ratio of the fastest runs: {min_sde / min_hand:.3f}x ({(min_sde - min_hand) / nfe * 1e3:+.2f} ms/step); "
+        f"ratio of process CPU time (all threads; less sensitive to other load on the machine): "
+        f"{cpu_sde / cpu_hand:.3f}x ({(cpu_sde - cpu_hand) / nfe * 1e3:+.2f} CPU ms/step)\n"
+        f"- torchsde overhead per step (medians): **{overhead_ms:+.2f} ms** "
         f"({100 * (ratio - 1):+.1f}% of a {fmt(med_hand / nfe * 1e3)} ms step)\n"
-        f"- raw times torchsde [s]: {', '.join(fmt(v) for v in t_sde)}; hand-written [s]: {', '.join(fmt(v) for v in t_hand)}\n"
+        f"- raw wall times torchsde [s]: {', '.join(fmt(v[0]) for v in t_sde)}; "
+        f"hand-written [s]: {', '.join(fmt(v[0]) for v in t_hand)}\n"
     )
 
     if args.check:
         # Same Brownian path: the hand loop queries a BrownianInterval built exactly as the sampler does.
         n_chk = min(steps, args.check_steps)
-        g_chk = torchsde_grid(span, n_chk)
+        pr_chk = Probe(sample_reverse_sde, n_chk, shape, sde, z, denoise=False)
+        g_chk = pr_chk.grid or uniform_grid(span, n_chk)
         gen_a = torch.Generator().manual_seed(args.seed + 2)
         gen_b = torch.Generator().manual_seed(args.seed + 2)
         a = sample_reverse_sde(net, shape, sde, steps=n_chk, z=z, x_T=x_T, denoise=False, generator=gen_a)
         entropy = int(torch.randint(0, 2**31 - 1, (), generator=gen_b).item())
-        bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=(shape[0], math.prod(shape[1:])), dtype=x_T.dtype, device=device, entropy=entropy)
+        bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=(shape[0], math.prod(shape[1:])), dtype=x_T.dtype,
+                                       device=device, entropy=entropy, dt=pr_chk.bm_dt)
         b = hand_em(net, sde, g_chk, x_T, z, noise=lambda s0, s1: bm(s0, s1))
         diff = (a - b).abs().max().item()
         scale = a.abs().max().item()
@@ -317,10 +364,22 @@ def bench_overhead(args, net, sde, shape, z, device, out: list[str]):
             f"`sample_reverse_sde` after {len(g_chk)} steps to max |diff| = {diff:.2e} "
             f"(relative to max |x| = {scale:.3g}: {diff / max(scale, 1e-30):.1e}; float32 vs float64 coefficients)\n"
         )
-    return dict(ratio=ratio, overhead_ms=overhead_ms, ms_step_sde=med_sde / nfe * 1e3, ms_step_hand=med_hand / nfe * 1e3)
+    return dict(ratio=ratio, overhead_ms=overhead_ms, ms_step_sde=med_sde / nfe * 1e3, ms_step_hand=med_hand / nfe * 1e3,
+                cpu_ms_step_hand=cpu_hand / nfe * 1e3, cpu_ratio=cpu_sde / cpu_hand)
 
 
 # --------------------------------------------------------------------------- part 2
+def _null_time(fn, steps, shape, sde, z, device, repeats) -> tuple[tuple[float, float], int]:
+    """Median (wall, CPU) time and NFE of sampler ``fn`` at ``steps`` with a network that returns zeros."""
+    null = CountingNet(lambda x, z_, t: torch.zeros_like(x))
+    fn(null, shape, sde, steps=min(steps, 2), z=z)
+    times = []
+    for _ in range(repeats):
+        null.calls = 0
+        times.append(timed(lambda: fn(null, shape, sde, steps=steps, z=z), device))
+    return medians(times), null.calls
+
+
 def bench_wall(args, net, sde, shape, z, device, out: list[str]):
     span = sde.T - sde.eps
     cnet = CountingNet(net)
@@ -335,22 +394,18 @@ def bench_wall(args, net, sde, shape, z, device, out: list[str]):
         for _ in range(args.warmup):
             fn(cnet, shape, sde, steps=2, z=z)
 
-    rows, notes, results = [], [], {}
+    rows, notes, results, cpu_results = [], [], {}, {}
     for label, fn, target, measured, uses_torchsde in specs:
         measured = target if measured is None else measured
-        note = ""
-        if uses_torchsde:
-            measured, note = safe_steps(span, measured, args.allow_bm_hazard)
-            nfe_target = len(torchsde_grid(span, target)) + 1  # + Tweedie denoise
-            if bm_hazard(span, target) >= _BM_MAX_PIECES and not args.allow_bm_hazard:
-                notes.append(
-                    f"{label} at {target} steps cannot run as-is: {note or 'BrownianInterval tree blow-up'}; "
-                    f"the time shown is what it would cost"
-                )
-                note = ""
-        else:
-            nfe_target = target + 1
-        if note:
+        target_probe = Probe(fn, target, shape, sde, z)  # exact NFE of the nominal run (incl. denoise)
+        nfe_target = target_probe.nfe
+        pr, note = safe_probe(fn, measured, shape, sde, z, args.allow_bm_hazard)
+        measured = pr.steps
+        if target_probe.hazard >= _BM_MAX_PIECES and not args.allow_bm_hazard:
+            notes.append(f"{label} cannot run as-is: {target_probe.describe_hazard()}; the time shown is what it would cost")
+            if measured != target:
+                notes.append(f"{label}: measured at {measured} steps")
+        elif note:
             notes.append(f"{label}: {note}")
         times, nfes = [], set()
         for _ in range(args.wall_repeats):
@@ -358,34 +413,69 @@ def bench_wall(args, net, sde, shape, z, device, out: list[str]):
             times.append(timed(lambda: fn(cnet, shape, sde, steps=measured, z=z), device))
             nfes.add(cnet.calls)
         nfe_meas = max(nfes)
-        t_meas = statistics.median(times)
-        per_nfe = t_meas / nfe_meas
+        t_meas = medians(times)  # (wall, cpu)
         if measured == target:
             sec, how = t_meas, "measured"
+        elif not args.null_correction:
+            sec = tuple(v * nfe_target / nfe_meas for v in t_meas)
+            how = f"**extrapolated** from {measured} steps ({nfe_meas} NFE, {fmt(t_meas[0])} s) x {nfe_target}/{nfe_meas}"
         else:
-            sec = per_nfe * nfe_target
-            how = f"**extrapolated** from {measured} steps ({nfe_meas} NFE, {fmt(t_meas)} s) x {nfe_target}/{nfe_meas}"
-        results[label.split(" (")[0].split(",")[0]] = sec
-        rows.append([label, str(target), str(nfe_target), fmt(sec), fmt(batch / sec), fmt(per_nfe * 1e3), how])
+            # Net time scales with NFE; the solver's own cost need not (BrownianInterval's grows with the
+            # step count), so time it with a null net at both step counts and add it back exactly.
+            null_target_steps = safe_probe(fn, target, shape, sde, z, args.allow_bm_hazard)[0].steps
+            (nt, nt_nfe), (nm, _) = (_null_time(fn, n, shape, sde, z, device, args.wall_repeats)
+                                     for n in (null_target_steps, measured))
+            sec = tuple((t_meas[i] - nm[i]) * nfe_target / nfe_meas + nt[i] * nfe_target / nt_nfe for i in (0, 1))
+            how = (
+                f"**extrapolated** from {measured} steps ({nfe_meas} NFE, {fmt(t_meas[0])} s): (time - null-net time) x "
+                f"{nfe_target}/{nfe_meas} + null-net time at {null_target_steps} steps ({fmt(nt[0])} s)"
+            )
+        results[label.split(" (")[0].split(",")[0]] = sec[0]
+        cpu_results[label.split(" (")[0].split(",")[0]] = sec[1]
+        rows.append([label, str(target), str(nfe_target), fmt(sec[0]), fmt(batch / sec[0]), fmt(sec[0] / nfe_target * 1e3),
+                     fmt(sec[1]), how])
 
     out.append(f"## 2. Wall time per batch of {batch} (denoise=True, median of {args.wall_repeats})\n")
-    out.append(md_table(["sampler", "steps", "NFE", "s / batch", "images / s", "ms / NFE", "how"], rows))
+    out.append(md_table(["sampler", "steps", "NFE", "s / batch", "images / s", "ms / NFE", "CPU s / batch", "how"], rows))
     out.append("")
     for n in notes:
         out.append(f"> NOTE: {n}.\n")
     ddim, sde_t, ode = (results.get(k) for k in ("DDIM", "reverse SDE", "probability-flow ODE"))
+    ddim_c, sde_c, ode_c = (cpu_results.get(k) for k in ("DDIM", "reverse SDE", "probability-flow ODE"))
     out.append(
         f"- DDIM-{args.ddim_target} is **{sde_t / ddim:.1f}x** faster than reverse-SDE-{args.sde_target} "
-        f"and {ode / ddim:.1f}x faster than PF-ODE-{args.ode_target} "
-        f"(NFE includes the final Tweedie denoise call; torchsde grids may add one round-off step).\n"
+        f"and {ode / ddim:.1f}x faster than PF-ODE-{args.ode_target} in wall time "
+        f"({sde_c / ddim_c:.1f}x and {ode_c / ddim_c:.1f}x in CPU time). NFE counted by wrapping the net; it "
+        f"includes the final Tweedie denoise call.\n"
     )
 
 
 # --------------------------------------------------------------------------- part 3
+class _count_bm_draws:
+    """Count the Gaussian draws BrownianInterval makes (patches its module-level ``_randn``)."""
+
+    def __enter__(self):
+        from torchsde._brownian import brownian_interval as bi
+
+        self._mod, self._orig, self.counter = bi, bi._randn, [0]
+
+        def counting(*a, **k):
+            self.counter[0] += 1
+            return self._orig(*a, **k)
+
+        bi._randn = counting
+        return self.counter
+
+    def __exit__(self, *exc):
+        self._mod._randn = self._orig
+        return False
+
+
 def bench_breakdown(args, sde, shape, device, out: list[str]):
     span = sde.T - sde.eps
-    steps, note = safe_steps(span, args.breakdown_steps, args.allow_bm_hazard)
-    grid = torchsde_grid(span, steps)
+    pr, note = safe_probe(sample_reverse_sde, args.breakdown_steps, shape, sde, None, args.allow_bm_hazard, denoise=False)
+    steps, hint = pr.steps, pr.bm_dt
+    grid = pr.grid or uniform_grid(span, steps)
     d = math.prod(shape[1:])
     null = CountingNet(lambda x, z, t: torch.zeros_like(x))
     x_T = torch.randn(shape, device=device)
@@ -397,11 +487,19 @@ def bench_breakdown(args, sde, shape, device, out: list[str]):
         hand_em(null, sde, grid, x_T, None)
 
     def run_hand_bm():
-        bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=(shape[0], d), dtype=x_T.dtype, device=device, entropy=1)
+        bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=(shape[0], d), dtype=x_T.dtype, device=device, entropy=1,
+                                       dt=hint)
         hand_em(null, sde, grid, x_T, None, noise=lambda s0, s1: bm(s0, s1))
 
     def run_bm():
-        bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=(shape[0], d), dtype=x_T.dtype, device=device, entropy=1)
+        bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=(shape[0], d), dtype=x_T.dtype, device=device, entropy=1,
+                                       dt=hint)
+        for s0, s1 in grid:
+            bm(s0, s1)
+
+    def run_bm_hint():
+        bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=(shape[0], d), dtype=x_T.dtype, device=device, entropy=1,
+                                       dt=span / steps)
         for s0, s1 in grid:
             bm(s0, s1)
 
@@ -413,28 +511,32 @@ def bench_breakdown(args, sde, shape, device, out: list[str]):
         ("hand-written EM loop (randn noise)", run_hand),
         ("hand-written EM loop, noise from `BrownianInterval`", run_hand_bm),
         ("`sample_reverse_sde(denoise=False)`", run_sde),
-        ("`BrownianInterval` queries alone (as built by the sampler)", run_bm),
+        (f"`BrownianInterval` queries alone (as the sampler builds it: dt hint {hint})", run_bm),
+        ("`BrownianInterval(dt=span/steps)` queries alone (with the `dt` hint; for comparison)", run_bm_hint),
         ("`torch.randn` of the state alone", run_randn),
     ]
-    for _, fn in cases:  # warm-up
-        fn()
-    med = {}
+    med, cpu, draws = {}, {}, {}
     for name, fn in cases:
-        med[name] = statistics.median(timed(fn, device) for _ in range(args.repeats))
+        with _count_bm_draws() as counter:  # first run: count draws (and warm up)
+            fn()
+        draws[name] = counter[0]
+        med[name], cpu[name] = medians([timed(fn, device) for _ in range(args.breakdown_repeats or args.repeats)])
     n = len(grid)
     out.append(f"## 3. Per-step overhead with a null network (`zeros_like`), {steps} steps ({n} on torchsde's grid), state {shape[0]}x{d}\n")
     if note:
         out.append(f"> NOTE: {note}.\n")
-    out.append(md_table(["what", "ms / step (median)"], [[k, fmt(v / n * 1e3)] for k, v in med.items()]))
-    sde_ms = med[cases[2][0]] / n * 1e3
-    hand_ms = med[cases[0][0]] / n * 1e3
-    hand_bm_ms = med[cases[1][0]] / n * 1e3
+    rows = [[k, fmt(v / n * 1e3), fmt(cpu[k] / n * 1e3), f"{draws[k] / n:.2f}" if draws[k] else "-"] for k, v in med.items()]
+    out.append(md_table(["what", "ms / step (median)", "CPU ms / step (median)", "BrownianInterval `randn` draws / step"], rows))
+    sde_ms, hand_ms, hand_bm_ms = (med[cases[i][0]] / n * 1e3 for i in (2, 0, 1))
+    sde_c, hand_c, hand_bm_c = (cpu[cases[i][0]] / n * 1e3 for i in (2, 0, 1))
     out.append(
-        f"\n- torchsde minus hand-written: {sde_ms - hand_ms:+.3f} ms/step, of which Brownian noise "
-        f"(`BrownianInterval` instead of `randn`): {hand_bm_ms - hand_ms:+.3f} ms/step; "
-        f"the rest (sdeint loop with 0-d float64 tensor time, drift/diffusion wrappers, `g * dW` and "
-        f"`y + f*dt + g*dW` as separate ops, cache bookkeeping): {sde_ms - hand_bm_ms:+.3f} ms/step\n"
+        f"\n- torchsde minus hand-written: {sde_ms - hand_ms:+.3f} ms/step wall ({sde_c - hand_c:+.3f} CPU ms/step), "
+        f"of which Brownian noise (`BrownianInterval` instead of `randn`): {hand_bm_ms - hand_ms:+.3f} ms/step "
+        f"({hand_bm_c - hand_c:+.3f} CPU); the rest (sdeint loop with 0-d float64 tensor time, drift/diffusion "
+        f"wrappers, `g * dW` and `y + f*dt + g*dW` as separate ops, cache bookkeeping): "
+        f"{sde_ms - hand_bm_ms:+.3f} ms/step ({sde_c - hand_bm_c:+.3f} CPU)\n"
     )
+    return sde_ms - hand_ms, (cpu[cases[2][0]] - cpu[cases[0][0]]) / n * 1e3
 
 
 # --------------------------------------------------------------------------- main
@@ -442,16 +544,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Benchmark torchsde reverse-SDE overhead vs a hand-written Euler–Maruyama loop, and "
         "DDIM / reverse SDE / probability-flow ODE wall time, with a z-conditioned ConditionalUNet.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("set-up")
-    g.add_argument("--device", default="auto", help="'auto' (cuda if available else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    g.add_argument("--batch", type=int, default=64)
-    g.add_argument("--image-size", type=int, default=32)
-    g.add_argument("--channels", type=int, default=3)
-    g.add_argument("--z-dim", type=int, default=32)
+    g.add_argument("--device", default="auto", help="'auto' (default: cuda if available else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    g.add_argument("--batch", type=int, default=64, help="default 64")
+    g.add_argument("--image-size", type=int, default=32, help="default 32")
+    g.add_argument("--channels", type=int, default=3, help="default 3")
+    g.add_argument("--z-dim", type=int, default=32, help="default 32")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="default 0")
     g = p.add_argument_group("network (default: base 64, mults 1 2 2, 2 res blocks, attention at 16)")
     g.add_argument("--small", action="store_true", help="small net: base 32, mults 1 2, 1 res block, no attention "
                    "except the middle block's")
@@ -460,22 +561,26 @@ def parse_args(argv=None):
     g.add_argument("--num-res-blocks", type=int, default=None)
     g.add_argument("--attention-resolutions", type=int, nargs="*", default=None)
     g = p.add_argument_group("1. torchsde vs hand-written Euler–Maruyama")
-    g.add_argument("--steps", type=int, default=50, help="steps per timed run")
-    g.add_argument("--repeats", type=int, default=5, help="timed runs per sampler (median reported); also for part 3")
-    g.add_argument("--warmup", type=int, default=1, help="warm-up runs per sampler")
-    g.add_argument("--warmup-steps", type=int, default=5, help="steps per warm-up run")
+    g.add_argument("--steps", type=int, default=50, help="steps per timed run; default 50")
+    g.add_argument("--repeats", type=int, default=5, help="timed runs per sampler (median reported); also for part 3; default 5")
+    g.add_argument("--warmup", type=int, default=1, help="warm-up runs per sampler; default 1")
+    g.add_argument("--warmup-steps", type=int, default=5, help="steps per warm-up run; default 5")
     g.add_argument("--no-check", dest="check", action="store_false", help="skip the same-Brownian-path agreement check")
-    g.add_argument("--check-steps", type=int, default=5)
+    g.add_argument("--check-steps", type=int, default=5, help="default 5")
     g = p.add_argument_group("2. wall time (measured steps < nominal steps: extrapolated linearly in NFE)")
-    g.add_argument("--ddim-target", type=int, default=50, help="nominal DDIM steps")
-    g.add_argument("--sde-target", type=int, default=1000, help="nominal reverse-SDE steps")
-    g.add_argument("--ode-target", type=int, default=100, help="nominal probability-flow ODE steps")
+    g.add_argument("--ddim-target", type=int, default=50, help="nominal DDIM steps; default 50")
+    g.add_argument("--sde-target", type=int, default=1000, help="nominal reverse-SDE steps; default 1000")
+    g.add_argument("--ode-target", type=int, default=100, help="nominal probability-flow ODE steps; default 100")
     g.add_argument("--ddim-steps", type=int, default=None, help="DDIM steps actually run (default: nominal)")
     g.add_argument("--sde-steps", type=int, default=None, help="reverse-SDE steps actually run (default: nominal)")
     g.add_argument("--ode-steps", type=int, default=None, help="PF-ODE steps actually run (default: nominal)")
-    g.add_argument("--wall-repeats", type=int, default=3)
+    g.add_argument("--wall-repeats", type=int, default=3, help="default 3")
+    g.add_argument("--no-null-correction", dest="null_correction", action="store_false",
+                   help="extrapolate the whole measured time linearly in NFE instead of timing the solver "
+                   "overhead separately with a null net at the nominal step count")
     g = p.add_argument_group("3. null-network overhead breakdown")
-    g.add_argument("--breakdown-steps", type=int, default=1000)
+    g.add_argument("--breakdown-steps", type=int, default=1000, help="default 1000")
+    g.add_argument("--breakdown-repeats", type=int, default=None, help="timed runs per case (default: --repeats)")
     g = p.add_argument_group("parts and output")
     g.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip part 1")
     g.add_argument("--no-wall", dest="wall", action="store_false", help="skip part 2")
@@ -522,14 +627,24 @@ def main(argv=None) -> str:
         print("\n".join(out[printed:]), flush=True)
         printed = len(out)
 
+    part1 = None
     if args.overhead:
-        bench_overhead(args, net, sde, shape, z, device, out)
+        part1 = bench_overhead(args, net, sde, shape, z, device, out)
         flush()
     if args.wall:
         bench_wall(args, net, sde, shape, z, device, out)
         flush()
     if args.breakdown:
-        bench_breakdown(args, sde, shape, device, out)
+        delta, delta_cpu = bench_breakdown(args, sde, shape, device, out)
+        if part1 is not None:
+            hand, hand_cpu = part1["ms_step_hand"], part1["cpu_ms_step_hand"]
+            out.append(
+                f"- combining parts 1 and 3: with this net ({fmt(hand)} ms, {fmt(hand_cpu)} CPU ms per hand-written step), "
+                f"the null-net overhead at {args.breakdown_steps} steps predicts torchsde / hand-written = "
+                f"**{(hand + delta) / hand:.3f}x** wall, {(hand_cpu + delta_cpu) / hand_cpu:.3f}x CPU, for a "
+                f"{args.breakdown_steps}-step solve (part 1 measured {part1['ratio']:.3f}x wall, "
+                f"{part1['cpu_ratio']:.3f}x CPU at {args.steps} steps)\n"
+            )
         flush()
     out.append(f"_At end: {load_line()}._")
     flush()

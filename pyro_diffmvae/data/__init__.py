@@ -1,0 +1,46 @@
+"""Data sets. :mod:`~pyro_diffmvae.data.shapes` is the embedded default: procedurally generated
+scenes (image + mask + attributes + caption), deterministic from a seed, no downloads."""
+
+from .shapes import (
+    CAPTION_LENGTH,
+    FACTOR_NAMES,
+    FACTOR_SIZES,
+    FACTORS,
+    MODALITIES,
+    NUM_ATTRIBUTES,
+    NUM_COMBINATIONS,
+    SPLITS,
+    VOCAB,
+    ShapesDataset,
+    attributes_to_factors,
+    caption,
+    detokenize,
+    factor_combinations,
+    factors_to_attributes,
+    generate_shapes,
+    parse_caption,
+    render,
+    tokenize,
+)
+
+__all__ = [
+    "CAPTION_LENGTH",
+    "FACTOR_NAMES",
+    "FACTOR_SIZES",
+    "FACTORS",
+    "MODALITIES",
+    "NUM_ATTRIBUTES",
+    "NUM_COMBINATIONS",
+    "SPLITS",
+    "VOCAB",
+    "ShapesDataset",
+    "attributes_to_factors",
+    "caption",
+    "detokenize",
+    "factor_combinations",
+    "factors_to_attributes",
+    "generate_shapes",
+    "parse_caption",
+    "render",
+    "tokenize",
+]

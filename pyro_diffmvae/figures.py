@@ -1,0 +1,100 @@
+"""PNG figures of a run: conditional generations, unconditional samples, reconstructions, loss curves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["to_display", "save_conditional_figure", "save_unconditional_figure", "save_loss_curves"]
+
+
+def to_display(name: str, x: torch.Tensor) -> torch.Tensor | None:
+    """A modality as (N, H, W, 3) floats in [0, 1] for plotting (None for text, shown as captions)."""
+    x = x.detach().float().cpu()
+    if x.dim() == 4 and x.shape[1] == 3:
+        return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    if x.dim() == 4 and x.shape[1] == 1:
+        return x.clamp(0, 1).permute(0, 2, 3, 1).expand(-1, -1, -1, 3)
+    if x.dim() == 2 and x.dtype.is_floating_point:  # attribute vectors: a 1-row heat strip
+        return x.clamp(0, 1)[:, None, :, None].expand(-1, 4, -1, 3)
+    return None
+
+
+def _caption(name: str, x: torch.Tensor, i: int) -> str:
+    if name == "text":
+        from .data.shapes import detokenize
+
+        return detokenize(x[i])
+    return ""
+
+
+def _grid(rows: Sequence[tuple[str, Mapping[str, torch.Tensor]]], names: Sequence[str], n: int, path: Path, title: str):
+    cols = [(label, name) for label, data in rows for name in names if name in data]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 1.3 * n), squeeze=False)
+    for j, (label, name) in enumerate(cols):
+        data = dict(rows)[label][name]
+        shown = to_display(name, data)
+        for i in range(n):
+            ax = axes[i, j]
+            ax.axis("off")
+            if shown is not None:
+                ax.imshow(shown[i].numpy(), interpolation="nearest", aspect="auto" if name == "attributes" else "equal")
+            else:
+                ax.text(0.0, 0.5, _caption(name, data, i), fontsize=5, wrap=True)
+            if i == 0:
+                ax.set_title(f"{label}\n{name}", fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_conditional_figure(truth: Mapping, generated: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str],
+                            path: Path, n: int = 6) -> None:
+    """One row per test scene: the truth, then the generated modalities for every given subset."""
+    n = min(n, next(iter(truth[m] for m in names)).shape[0])
+    rows = [("truth", {m: truth[m] for m in names})] + [(f"given {g}", gen) for g, gen in generated.items()]
+    _grid(rows, names, n, path, "Conditional generation (each column block: given subset → generated modalities)")
+
+
+def save_unconditional_figure(samples: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str], path: Path, n: int = 8) -> None:
+    """Unconditional samples: N(0, I) beside the latent score prior."""
+    if not samples:
+        return
+    n = min(n, next(iter(next(iter(samples.values())).values())).shape[0])
+    label = {"normal": "z ~ N(0, I)", "score": "z ~ latent score prior"}
+    _grid([(label[k], v) for k, v in samples.items()], names, n, path, "Unconditional generation")
+
+
+def save_loss_curves(metrics_csv: Path, path: Path) -> bool:
+    """Plot every logged train/val series of Lightning's CSVLogger file; False if there is none."""
+    if not metrics_csv.exists():
+        return False
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(metrics_csv) as f:
+        for row in csv.DictReader(f):
+            step = int(row.get("step") or 0)
+            for k, v in row.items():
+                if k in ("step", "epoch") or v in ("", None):
+                    continue
+                series.setdefault(k, []).append((step, float(v)))
+    if not series:
+        return False
+    keys = sorted(series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.4), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        steps, vals = zip(*series[k])
+        ax.plot(steps, vals, lw=1)
+        ax.set_title(k, fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

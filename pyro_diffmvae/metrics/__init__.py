@@ -1,0 +1,36 @@
+"""Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence, bits per dimension.
+
+Not imported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
+"""
+
+from .coherence import (
+    FactorClassifier,
+    agreement,
+    factor_accuracy,
+    load_or_train_classifier,
+    predict_factors,
+    train_factor_classifier,
+)
+from .f1 import UndefinedMetricWarning, binarize, sample_f1
+from .fid import FeatureFID, InceptionFeatures, feature_statistics, frechet_distance
+from .likelihood import BitsPerDim, bits_per_dim, diffusion_bpd, diffusion_nll
+
+__all__ = [
+    "sample_f1",
+    "binarize",
+    "UndefinedMetricWarning",
+    "frechet_distance",
+    "feature_statistics",
+    "InceptionFeatures",
+    "FeatureFID",
+    "FactorClassifier",
+    "train_factor_classifier",
+    "load_or_train_classifier",
+    "predict_factors",
+    "factor_accuracy",
+    "agreement",
+    "bits_per_dim",
+    "diffusion_nll",
+    "diffusion_bpd",
+    "BitsPerDim",
+]
