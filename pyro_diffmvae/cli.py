@@ -106,8 +106,8 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         prior.fit(latents, steps=cfg.latent_prior.steps, batch_size=cfg.latent_prior.batch_size, lr=cfg.latent_prior.lr)
         vae.latent_prior = prior
         prior_seconds = time.time() - start
-    _atomic_save({"config": config, "vae": vae.state_dict(),
-                  "latent_prior": vae.latent_prior.state_dict() if vae.latent_prior is not None else None}, out / "model.pt")
+    # the latent prior is a submodule of the VAE once attached, so one state dict holds both
+    _atomic_save({"config": config, "vae": vae.state_dict()}, out / "model.pt")
     save_loss_curves(out / "logs" / "metrics.csv", out / "loss_curves.png")
 
     metrics = {"training": {"steps": int(trainer.global_step), "train_seconds": round(train_seconds, 1),
@@ -131,18 +131,16 @@ def load_run(checkpoint: str | os.PathLike):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if "config" in state:  # model.pt
-        cfg = OmegaConf.create(state["config"])
-        vae = build_model(cfg)
-        vae.load_state_dict(state["vae"])
-        if state.get("latent_prior") is not None:
-            vae.latent_prior = build_latent_prior(cfg)
-            vae.latent_prior.load_state_dict(state["latent_prior"])
-    elif "diffmvae_config" in state:  # Lightning checkpoint
+        cfg, weights = OmegaConf.create(state["config"]), state["vae"]
+    elif "diffmvae_config" in state:  # Lightning checkpoint (no latent prior: it is fitted after training)
         cfg = OmegaConf.create(state["diffmvae_config"])
-        vae = build_model(cfg)
-        vae.load_state_dict({k[len("vae."):]: v for k, v in state["state_dict"].items() if k.startswith("vae.")})
+        weights = {k[len("vae."):]: v for k, v in state["state_dict"].items() if k.startswith("vae.")}
     else:
         raise ValueError(f"{path} is neither a model.pt of diffmvae-train nor a Lightning checkpoint of it")
+    vae = build_model(cfg)
+    if any(k.startswith("latent_prior.") for k in weights):
+        vae.latent_prior = build_latent_prior(cfg)
+    vae.load_state_dict(weights)
     vae.eval()
     return vae, cfg
 

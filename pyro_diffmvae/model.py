@@ -166,8 +166,9 @@ class MultimodalVAE(PyroModule):
                     f"batch['available'][{name!r}] must be a bool tensor of shape ({B},), got "
                     f"{a.dtype} of shape {tuple(a.shape)}"
                 )
-            self.modalities[name].check_data(x[a])
-            if not a.all():
+            all_available = bool(a.all())
+            self.modalities[name].check_data(x if all_available else x[a])
+            if not all_available:
                 x = torch.where(a.reshape((B,) + (1,) * (x.dim() - 1)), x, torch.zeros_like(x))
             available[:, j] = a
             data[name] = x
@@ -229,8 +230,10 @@ class MultimodalVAE(PyroModule):
 
     # -------------------------------------------------------------- programs
     def model(self, batch: Mapping) -> None:
-        r"""p(z) ∏_m p(x^m | z)^{λ_m}, missing modalities masked; β on the prior site."""
-        pyro.module(self.pyro_name, self)
+        r"""p(z) ∏_m p(x^m | z)^{λ_m}, missing modalities masked; β on the prior site.
+
+        The parameters are registered with Pyro's param store by the guide (``pyro.module``), which
+        SVI always runs; registering them here too would only cost time."""
         data, available, B = self.parse_batch(batch)
         weights = self.subset_weights(available)
         with self._subset_context(weights):

@@ -23,7 +23,11 @@ __all__ = ["DiffMVAEModule", "make_trainer", "fit_svi"]
 
 
 def _batch_size(vae: MultimodalVAE, batch: Mapping) -> int:
-    return vae.parse_batch(batch)[2]
+    """The leading size of the batch's first modality (the model and guide validate the batch)."""
+    for name in vae.names:
+        if name in batch:
+            return int(batch[name].shape[0])
+    return vae.parse_batch(batch)[2]  # raises the clear error
 
 
 class DiffMVAEModule(L.LightningModule):

@@ -6,7 +6,7 @@ r"""Time one training step of the Pyro formulation of a Diff-MVAE against a hand
 * **Pyro**: ``TraceMeanField_ELBO(max_plate_nesting=2).differentiable_loss(vae.model, vae.guide, batch) / B``
   (what :class:`~pyro_diffmvae.train.DiffMVAEModule` minimises; its own ``negative_elbo``, which also
   calls ``parse_batch`` a third time to get ``B``, is timed as an extra row);
-* **hand-written**: :func:`hand_loss`, plain torch with *the same networks* (the very modules held by
+* **hand-written**: :class:`HandLoss`, plain torch with *the same networks* (the very modules held by
   ``vae``) and the same math:
 
   1. experts ``(mu_m, logvar_m) = encoder_m(x^m)`` stacked to ``(B, M, D)``;
@@ -42,24 +42,30 @@ round-off (the expressions differ only in operation order, e.g. KL via ``log(ÏƒÂ
 An exact same-seed match is a stronger check than agreement in expectation; the mean over seeds is
 printed too.
 
-**Where the Pyro overhead goes.** The forward passes alone (no backward) are timed for both (the
-backward graphs are the same apart from a few masking ops), and the difference is split into:
-``MultimodalVAE.parse_batch`` (called by both model and guide; timed alone), ``pyro.module`` (called by
-both model and guide; registers every parameter tensor with the param store *through the messenger
-stack*, one ``param`` node per tensor in each trace; timed alone under ``poutine.trace``), Pyro/
-torch-distribution validation (forward with ``pyro.validation_enabled(False)``), and the rest (tracing
-and replay messengers, ``compute_log_prob`` of the unused model ``z`` site, guide score parts,
-``check_*`` helpers, KL dispatch). ``--profile`` adds cProfile's top entries of Pyro steps.
+**Where the Pyro overhead goes.** The forward passes alone (no backward; the backward graphs are the same
+apart from a few masking ops) are timed for the Pyro loss with its parts switched off one after the other
+by benchmark-only monkeypatches (see :class:`_ablate`): ``pyro.module`` (called by both model and guide;
+it sends every parameter tensor through the messenger stack as a ``param`` message and adds a trace node
+for it), then ``MultimodalVAE.parse_batch`` (called by both model and guide; validates the data every
+time), then Pyro/torch-distribution validation; what is left against the hand-written forward is the
+tracing itself (guide trace, replayed model trace, ``compute_log_prob`` of the unused model ``z`` site,
+guide score parts, KL dispatch). ``pyro.module`` and ``parse_batch`` are also timed alone. Python
+garbage-collector runs are counted per variant (Pyro allocates thousands of small dicts per step; a
+rare full collection walks the ~0.5 M objects that torch, Lightning and Pyro leave tracked and costs
+~0.25 s). ``--profile`` adds cProfile (CPU-time timer) tables of Pyro steps.
 
-Output is Markdown on stdout (and in ``--out PATH``), with the command line and a hardware header.
-Other processes on the machine inflate and scatter CPU timings: the load average is printed at start
-and end, timed steps are interleaved (order alternating per round) and medians and per-round paired
-ratios are reported.
+**Timing on a shared CPU.** Each variant's steps are interleaved with the others' (order alternating
+per round); medians, minima, IQRs and per-round paired ratios are reported, for wall time and for the
+CPU time of this process (``time.process_time``), which leaves out the time the process waits while
+other jobs run. With other jobs on a small machine, use ``--threads 1``: torch's default intra-op
+threads then fight those jobs for the cores and wall times become several times slower and erratic.
+Output is Markdown on stdout (and in ``--out PATH``), with the command line, a hardware header and the
+load average at start and end.
 
 Examples::
 
-    python experiments/benchmarks/bench_train_step.py
-    python experiments/benchmarks/bench_train_step.py --weighting likelihood --profile
+    python experiments/benchmarks/bench_train_step.py --threads 1 --profile
+    python experiments/benchmarks/bench_train_step.py --weighting likelihood --base-channels 16
     python experiments/benchmarks/bench_train_step.py --strategy enumerate --batch 16 --steps 6
     python experiments/benchmarks/bench_train_step.py --device cuda --steps 50 --out bench.md
 """

@@ -1,0 +1,88 @@
+"""The hydra apps end to end at a tiny size, config composition, and their errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from pyro_diffmvae.builders import build_model
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "pyro_diffmvae" / "configs"
+GROUPS = {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in
+          ["dataset", "model", "weighting", "fusion", "trainer", "experiment"]}
+
+
+def run_app(app: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
+    code = f"import sys; from pyro_diffmvae.cli import {app}_main as main; sys.argv[0] = 'diffmvae-{app}'; main()"
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code, *overrides], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_config_group_option_composes_and_builds(group, option):
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        cfg = compose("config", overrides=[f"{group}={option}", "experiment=tiny"] if group != "experiment" else [f"{group}={option}"])
+    vae = build_model(cfg)
+    assert vae.latent_dim == cfg.model.latent_dim
+    assert vae.fusion == cfg.fusion.name
+    image = vae.modalities["image"].decoder
+    assert image.likelihood_kwargs["weighting"] == cfg.weighting.name
+    assert image.is_bound == (cfg.weighting.name == "likelihood")
+
+
+def test_defaults_are_diffmvae_star():
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        cfg = compose("config")
+    assert (cfg.model.name, cfg.weighting.name, cfg.model.diffusion.sampler, cfg.model.diffusion.sampler_steps) == (
+        "diffmvae_star", "simple", "ddim", 50)
+    assert cfg.dataset.name == "shapes" and list(cfg.dataset.diffusion_modalities) == ["image"]
+    assert cfg.latent_prior.fit and cfg.trainer.accelerator == "auto"
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        paper = compose("config", overrides=["model=diffmvae", "weighting=likelihood"])
+    assert (paper.model.diffusion.sampler, paper.model.diffusion.sampler_steps) == ("sde", 1000)
+
+
+def test_train_evaluate_sample_end_to_end(tmp_path):
+    common = [f"dataset.cache_dir={tmp_path}/cache", f"evaluation.classifier_cache={tmp_path}/cls"]
+    res = run_app("train", "experiment=tiny", f"hydra.run.dir={tmp_path}/train", *common, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "train"
+    for name in ["model.pt", "metrics.json", "report.md", "loss_curves.png", "checkpoints/last.ckpt",
+                 "checkpoints/best.ckpt", "figures/conditional.png", "figures/unconditional.png"]:
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["conditional"]) >= {"image", "mask", "attributes", "mask+attributes", "all (reconstruction)"}
+    assert 0.0 <= metrics["conditional"]["image"]["attributes_f1"] <= 1.0
+    assert set(metrics["unconditional"]) == {"normal", "score"}
+    assert metrics["fd_name"] == "FD_classifier"
+    assert "| given |" in (run / "report.md").read_text()
+    # evaluate and sample load the saved model (and a Lightning checkpoint)
+    res = run_app("evaluate", "experiment=tiny", f"checkpoint={run}/model.pt", f"hydra.run.dir={tmp_path}/eval", *common, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_examples"] == 8
+    res = run_app("sample", "experiment=tiny", f"checkpoint={run}/checkpoints/last.ckpt", "sample.prior=normal",
+                  f"hydra.run.dir={tmp_path}/sample", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    samples = torch.load(tmp_path / "sample" / "samples" / "samples.pt")
+    assert samples["image"].shape == (4, 3, 16, 16) and samples["image"].abs().max() <= 1.0
+    # the same run directory is never overwritten
+    res = run_app("train", "experiment=tiny", f"hydra.run.dir={run}", *common, cwd=tmp_path)
+    assert res.returncode != 0 and "already holds results" in res.stderr
+
+
+def test_app_errors(tmp_path):
+    res = run_app("train", "experiment=tiny", "trainer.no_such_key=1", f"hydra.run.dir={tmp_path}/a", cwd=tmp_path)
+    assert res.returncode != 0 and "no_such_key" in res.stderr
+    res = run_app("train", "fusion=sum", f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
+    assert res.returncode != 0 and "fusion" in res.stderr and "sum" in res.stderr
+    res = run_app("evaluate", f"checkpoint={tmp_path}/missing.pt", f"hydra.run.dir={tmp_path}/c", cwd=tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = run_app("sample", f"hydra.run.dir={tmp_path}/d", cwd=tmp_path)
+    assert res.returncode == 2 and "needs checkpoint=" in res.stderr
+    res = run_app("train", "experiment=tiny", "dataset.modalities=[image,sound]", f"hydra.run.dir={tmp_path}/e", cwd=tmp_path)
+    assert res.returncode == 2 and "unknown modalit" in res.stderr and "'sound'" in res.stderr
