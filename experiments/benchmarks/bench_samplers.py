@@ -57,6 +57,8 @@ import time
 from typing import Callable
 
 import torch
+
+from _hardware import hardware_lines, load_line, resolve_device  # noqa: E402  (script dir on sys.path)
 import torchsde
 
 from pyro_diffmvae.nets.unet import ConditionalUNet
@@ -180,43 +182,6 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def hardware_lines(device: torch.device) -> list[str]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    lines = [
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {affinity} usable), {platform.platform()}",
-        f"- torch {torch.__version__} (intra-op threads {torch.get_num_threads()}), torchsde {torchsde.__version__}, "
-        f"Python {platform.python_version()}",
-    ]
-    if torch.cuda.is_available():
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        lines.append(f"- GPU: {names} (CUDA {torch.version.cuda}); benchmark device: `{device}`")
-    else:
-        lines.append(f"- GPU: none visible to torch; benchmark device: `{device}`")
-    return lines
-
-
-def load_line() -> str:
-    try:
-        la = os.getloadavg()
-    except (AttributeError, OSError):
-        return "load average: n/a"
-    return f"load average (1/5/15 min): {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}"
-
-
 # --------------------------------------------------------------------------- hand-written EM
 @torch.no_grad()
 def hand_em(net, sde: VPSDE, grid, x_T: torch.Tensor, z, noise: Callable | None = None) -> torch.Tensor:
@@ -265,12 +230,6 @@ def build_net(args, device: torch.device) -> tuple[torch.nn.Module, dict]:
             if p.dim() > 1 and not p.any():
                 p.normal_(0.0, 0.02)
     return net.to(device).eval(), cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- part 1
@@ -611,7 +570,7 @@ def main(argv=None) -> str:
         "# Sampler benchmark: torchsde reverse SDE vs hand-written Euler–Maruyama; DDIM vs SDE vs PF-ODE\n",
         f"- Command: `{cmd}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        *hardware_lines(device),
+        *hardware_lines(device, f"torchsde {torchsde.__version__}"),
         f"- Net: `ConditionalUNet({', '.join(f'{k}={v}' for k, v in cfg.items())})`, {n_params / 1e6:.2f} M params, "
         "eval mode, random weights (zero-initialised layers redrawn from N(0, 0.02^2))",
         f"- Batch {shape[0]} x {tuple(shape[1:])}, float32, `torch.no_grad()`, VPSDE(beta {sde.beta_min}..{sde.beta_max}, "

@@ -89,6 +89,8 @@ from typing import Callable, Mapping
 
 import pyro
 import torch
+
+from _hardware import hardware_lines, load_line, resolve_device  # noqa: E402  (script dir on sys.path)
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
@@ -393,49 +395,6 @@ def quartiles(v: list[float]) -> tuple[float, float]:
         return min(v), max(v)
     q = statistics.quantiles(v, n=4)
     return q[0], q[2]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def hardware_lines(device: torch.device) -> list[str]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    lines = [
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {affinity} usable), {platform.platform()}",
-        f"- torch {torch.__version__} (intra-op threads {torch.get_num_threads()}), pyro-ppl {pyro.__version__}, "
-        f"Python {platform.python_version()}",
-    ]
-    if torch.cuda.is_available():
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        lines.append(f"- GPU: {names} (CUDA {torch.version.cuda}); benchmark device: `{device}`")
-    else:
-        lines.append(f"- GPU: none visible to torch; benchmark device: `{device}`")
-    return lines
-
-
-def load_line() -> str:
-    try:
-        la = os.getloadavg()
-    except (AttributeError, OSError):
-        return "load average: n/a"
-    return f"load average (1/5/15 min): {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- parts
@@ -802,7 +761,7 @@ def main(argv=None) -> str:
         "# Training-step benchmark: Pyro `TraceMeanField_ELBO` vs hand-written torch loss\n",
         f"- Command: `{cmd}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        *hardware_lines(device),
+        *hardware_lines(device, f"pyro-ppl {pyro.__version__}"),
         f"- Model: MoPoE over image 3x{args.image_size}x{args.image_size} (DiffusionDecoder, weighting "
         f"`{args.weighting}`), mask 1x{args.image_size}x{args.image_size} (Bernoulli), {args.num_attrs} attributes "
         f"(Bernoulli); latent {args.latent_dim}, {K} subsets, subset_strategy `{args.strategy}`, beta {args.beta}, "

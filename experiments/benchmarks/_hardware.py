@@ -1,0 +1,52 @@
+"""The hardware header every benchmark prints beside its numbers (shared by the bench_* scripts)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware_lines(device: torch.device, libraries: str = "") -> list[str]:
+    """Markdown bullet lines: CPU, torch (+ ``libraries``, e.g. "torchsde 0.2.6"), GPU."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    extra = f", {libraries}" if libraries else ""
+    lines = [
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {affinity} usable), {platform.platform()}",
+        f"- torch {torch.__version__} (intra-op threads {torch.get_num_threads()}){extra}, Python {platform.python_version()}",
+    ]
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"- GPU: {names} (CUDA {torch.version.cuda}); benchmark device: `{device}`")
+    else:
+        lines.append(f"- GPU: none visible to torch; benchmark device: `{device}`")
+    return lines
+
+
+def load_line() -> str:
+    try:
+        la = os.getloadavg()
+    except (AttributeError, OSError):
+        return "load average: n/a"
+    return f"load average (1/5/15 min): {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
