@@ -60,6 +60,7 @@ class ScoreMatchingLikelihood(TorchDistribution):
         and gradients, several-fold smaller spread of the reported value. Needs the bound.
     :param sampler: ``"ddim"``, ``"sde"`` or ``"ode"`` for :meth:`sample`.
     :param sampler_steps: steps for :meth:`sample` (``None``: the sampler's default).
+    :param sampler_kwargs: extra keyword arguments for the sampler (e.g. ``x0_range`` for DDIM).
     :param batch_shape: batch shape when ``z`` is ``None``.
 
     Example::
@@ -86,6 +87,7 @@ class ScoreMatchingLikelihood(TorchDistribution):
         control_variate: bool = False,
         sampler: str = "ddim",
         sampler_steps: int | None = None,
+        sampler_kwargs: dict | None = None,
         batch_shape=None,
         validate_args: bool | None = None,
     ):
@@ -127,6 +129,7 @@ class ScoreMatchingLikelihood(TorchDistribution):
         self.control_variate = bool(control_variate)
         self.sampler = sampler
         self.sampler_steps = sampler_steps
+        self.sampler_kwargs = dict(sampler_kwargs or {})
 
         if z is not None:
             if not isinstance(z, torch.Tensor) or z.dim() < 1:
@@ -271,6 +274,7 @@ class ScoreMatchingLikelihood(TorchDistribution):
                 z=z_flat,
                 device=device,
                 dtype=dtype,
+                **self.sampler_kwargs,
             )
         return x.reshape(shape + self.event_shape)
 

@@ -134,7 +134,8 @@ class DiffusionDecoder(nn.Module):
     :param sampler, sampler_steps: the default reverse-time sampler for generation
         (``"sde"`` with 1000 steps in the paper's Diff-MVAE, ``"ddim"`` with 50 in Diff-MVAE*).
     :param output_range: clamp generated samples to this ``(low, high)`` data range (e.g. images
-        in [-1, 1]); ``None`` leaves them as the sampler returns them.
+        in [-1, 1]); with DDIM the denoised estimate is also clipped at every step. ``None``
+        leaves samples as the sampler returns them.
     """
 
     is_diffusion = True
@@ -191,6 +192,8 @@ class DiffusionDecoder(nn.Module):
             kwargs["sampler"] = sampler
         if steps is not None:
             kwargs["sampler_steps"] = steps
+        if kwargs["sampler"] == "ddim" and self.output_range is not None:
+            kwargs["sampler_kwargs"] = {"x0_range": self.output_range}  # clip x0-hat at every DDIM step
         x = ScoreMatchingLikelihood(self.eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
         return x if self.output_range is None else x.clamp(*self.output_range)
 

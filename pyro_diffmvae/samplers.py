@@ -238,12 +238,18 @@ def sample_ddim(
     device=None,
     dtype=torch.float32,
     generator: torch.Generator | None = None,
+    x0_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     r"""Deterministic DDIM (:math:`\eta = 0`) on ``steps`` equal steps of :math:`t` from
     :math:`T` to :math:`\epsilon`:
 
     .. math:: \hat x_0 = (x_t - \sigma_t\hat\epsilon)/\alpha_t, \qquad
               x_{t'} = \alpha_{t'}\hat x_0 + \sigma_{t'}\hat\epsilon .
+
+    ``x0_range=(low, high)`` clips :math:`\hat x_0` to the data range at every step and uses the
+    matching :math:`\hat\epsilon = (x_t - \alpha_t\hat x_0)/\sigma_t` ("clip denoised" of Ho
+    et al.'s code): near :math:`T`, :math:`1/\alpha_T \approx 150` amplifies any error of an
+    imperfect predictor, and clipping keeps the trajectory on the data's scale.
     """
     shape = _check_common(shape, steps, z)
     device = device if device is not None else (z.device if z is not None else None)
@@ -254,12 +260,17 @@ def sample_ddim(
         eps = eps_net(x, z, tt)
         alpha, sigma = sde.alpha(tt), sde.sigma(tt)
         x0_hat = (x - _right_pad(sigma, x) * eps) / _right_pad(alpha, x)
+        if x0_range is not None:
+            x0_hat = x0_hat.clamp(*x0_range)
+            eps = (x - _right_pad(alpha, x) * x0_hat) / _right_pad(sigma, x)
         tn = torch.full_like(tt, t_next)
         x = _right_pad(sde.alpha(tn), x) * x0_hat + _right_pad(sde.sigma(tn), x) * eps
         if callback is not None:
             callback(i + 1, steps)
     if denoise:
         x = _denoise(eps_net, x, z, sde.eps, sde)
+    if x0_range is not None:
+        x = x.clamp(*x0_range)
     return x
 
 

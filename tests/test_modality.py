@@ -79,3 +79,11 @@ def test_latent_unet_reshapes():
     assert out.shape == (3, 64)
     with pytest.raises(ValueError, match="must be square"):
         LatentUNet(64, (4, 4, 8))
+
+
+def test_diffusion_decoder_output_range_clamps_samples():
+    eps = lambda x_t, z, t: -10.0 * torch.ones_like(x_t)  # drives samples far outside [-1, 1]
+    free = DiffusionDecoder(eps, (4,), sampler="ddim", sampler_steps=3).generate(torch.zeros(2, 1))
+    assert free.abs().max() > 1.5
+    clamped = DiffusionDecoder(eps, (4,), sampler="ddim", sampler_steps=3, output_range=(-1, 1)).generate(torch.zeros(2, 1))
+    assert clamped.min() >= -1 and clamped.max() <= 1

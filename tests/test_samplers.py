@@ -112,3 +112,14 @@ def test_bad_arguments():
         samplers.sample_ddim(net, (5,), sde)
     with pytest.raises(ValueError, match=r"x_T must have shape \(2, 2\)"):
         samplers.sample_probability_flow(net, (2, 2), sde, steps=3, x_T=torch.zeros(3, 2))
+
+
+def test_ddim_x0_clipping():
+    sde = VPSDE()
+    net = CorrelatedGaussianEps(sde)
+    x_T = torch.randn(500, 2)
+    free = samplers.sample_ddim(net, (500, 2), sde, steps=20, x_T=x_T)
+    wide = samplers.sample_ddim(net, (500, 2), sde, steps=20, x_T=x_T, x0_range=(-100.0, 100.0))
+    torch.testing.assert_close(free, wide, rtol=1e-4, atol=1e-4)  # a range that never binds changes nothing
+    tight = samplers.sample_ddim(net, (500, 2), sde, steps=20, x_T=x_T, x0_range=(-0.5, 0.5))
+    assert tight.min() >= -0.5 and tight.max() <= 0.5 and free.abs().max() > 1.0
