@@ -76,7 +76,8 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     t = cfg.trainer
     train_loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, drop_last=True)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
-    module = DiffMVAEModule(vae, lr=t.lr, weight_decay=t.weight_decay, log_parts_every=t.log_parts_every)
+    module = DiffMVAEModule(vae, lr=t.lr, weight_decay=t.weight_decay, log_parts_every=t.log_parts_every,
+                            ema_decay=t.ema_decay)
     config = OmegaConf.to_container(cfg, resolve=True)
 
     class StoreConfig(L.Callback):

@@ -40,6 +40,9 @@ class DiffMVAEModule(L.LightningModule):
     :param latent_prior: an optional :class:`LatentScorePrior` trained *alongside* the VAE on
         detached z ~ q(z | all observed modalities) (its loss is added; gradients stay apart).
     :param log_parts_every: log the ELBO's parts every this many steps (0: never).
+    :param ema_decay: keep an exponential moving average (``torch.optim.swa_utils``) of the
+        diffusion decoders' ε-networks with this decay, and copy it into the decoders when
+        training ends, so that sampling uses the averaged weights (``None``: no EMA).
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class DiffMVAEModule(L.LightningModule):
         num_particles: int = 1,
         latent_prior: LatentScorePrior | None = None,
         log_parts_every: int = 50,
+        ema_decay: float | None = None,
     ):
         super().__init__()
         self.vae = vae
@@ -58,6 +62,31 @@ class DiffMVAEModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.log_parts_every = log_parts_every
         self.elbo = TraceMeanField_ELBO(num_particles=num_particles, max_plate_nesting=2)
+        self.ema_decay = ema_decay
+        self.ema = None
+        if ema_decay is not None:
+            if not 0.0 < ema_decay < 1.0:
+                raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = torch.nn.ModuleDict({
+                name: AveragedModel(m.decoder.eps_net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+                for name, m in vae.modalities.items() if m.is_diffusion
+            })
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            for name, averaged in self.ema.items():
+                averaged.update_parameters(self.vae.modalities[name].decoder.eps_net)
+
+    def on_train_end(self):
+        """Copy the EMA weights into the diffusion decoders (sampling then uses them)."""
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, averaged in self.ema.items():
+                    net = self.vae.modalities[name].decoder.eps_net
+                    for p, q in zip(net.parameters(), averaged.module.parameters()):
+                        p.copy_(q)
 
     def negative_elbo(self, batch: Mapping) -> torch.Tensor:
         """−ELBO per example (the quantity minimised)."""

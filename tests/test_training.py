@@ -146,3 +146,28 @@ def test_collect_latents_and_score_prior_sampling_through_vae():
     assert out["img"].shape == (3, D_IMG) and out["label"].shape == (3, N_CLASSES)
     with pytest.raises(ValueError, match=r"latents must have shape \(N, 4\)"):
         prior.fit(torch.zeros(5, 3), steps=1)
+
+
+def test_ema_of_diffusion_decoders_is_copied_in_at_the_end(tmp_path):
+    pyro.clear_param_store()
+    data, _, _ = paired_data(256)
+    vae = make_vae()
+    module = DiffMVAEModule(vae, lr=1e-2, ema_decay=0.5)
+    assert set(module.ema) == {"img"}
+    net = vae.modalities["img"].decoder.eps_net
+    snapshots = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append([p.detach().clone() for p in net.parameters()])
+
+    trainer = make_trainer(max_steps=3, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                           enable_checkpointing=False, logger=False, callbacks=[Record()])
+    trainer.fit(module, DataLoader(DictDataset(data), batch_size=64))
+    # EMA with decay 0.5 over the three post-step weights w1, w2, w3: 0.25 w1 + 0.25 w2 + 0.5 w3
+    # (the first update copies w1)
+    expected = [0.25 * a + 0.25 * b + 0.5 * c for a, b, c in zip(*snapshots)]
+    for p, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        DiffMVAEModule(make_vae(), ema_decay=1.5)
