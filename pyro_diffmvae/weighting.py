@@ -21,6 +21,10 @@ Named weightings:
                   Not a bound.
 ``"unit"``        :math:`\lambda = 1` on the score form. Not a bound; its per-draw variance is
                   enormous (the weight :math:`1/\sigma_t^2` reaches ~10⁶ near :math:`t=\epsilon`).
+``"high_noise"``  :math:`\lambda = \sigma_t^2\,\mathrm{clip}(1/\mathrm{SNR}_t, 1, 20)`,
+                  :math:`\mathrm{SNR}_t = \alpha_t^2/\sigma_t^2`: the ε-MSE up-weighted where the noise
+                  dominates (up to 20×), i.e. towards the x₀-error there. At high noise only z can tell
+                  the decoder what to draw, and the plain ε-MSE barely rewards using it. Not a bound.
 
 Any callable ``weighting(t, sde) -> Tensor`` (same shape as ``t``) is accepted too.
 """
@@ -37,6 +41,7 @@ __all__ = [
     "likelihood_weighting",
     "simple_weighting",
     "unit_weighting",
+    "high_noise_weighting",
     "get_weighting",
 ]
 
@@ -56,10 +61,18 @@ def unit_weighting(t: torch.Tensor, sde) -> torch.Tensor:
     return torch.ones_like(t)
 
 
+def high_noise_weighting(t: torch.Tensor, sde, cap: float = 20.0) -> torch.Tensor:
+    r""":math:`\lambda(t) = \sigma_t^2\,\mathrm{clip}(\sigma_t^2/\alpha_t^2, 1, \mathrm{cap})`."""
+    sigma2 = sde.sigma2(t)
+    inv_snr = sigma2 / sde.alpha(t) ** 2
+    return sigma2 * inv_snr.clamp(1.0, cap)
+
+
 WEIGHTINGS: dict[str, Callable] = {
     "likelihood": likelihood_weighting,
     "simple": simple_weighting,
     "unit": unit_weighting,
+    "high_noise": high_noise_weighting,
 }
 
 Weighting = Union[str, Callable[[torch.Tensor, object], torch.Tensor]]

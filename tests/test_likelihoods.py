@@ -115,7 +115,7 @@ def test_callable_weighting_and_unknown_name(sde):
     assert name == "<lambda>"
     lik = ScoreMatchingLikelihood(GaussianEpsPredictor(sde), None, sde, weighting=lambda t, s: 2 * s.g2(t), event_shape=(3,))
     assert not lik.is_bound
-    with pytest.raises(ValueError, match=r"known weightings: \['likelihood', 'simple', 'unit'\]"):
+    with pytest.raises(ValueError, match=r"known weightings: \[.high_noise., .likelihood., .simple., .unit.\]"):
         get_weighting("g2")
     with pytest.raises(ValueError, match="unknown time_sampling"):
         ScoreMatchingLikelihood(GaussianEpsPredictor(sde), None, sde, event_shape=(3,), time_sampling="log")
@@ -325,3 +325,16 @@ def test_second_plate_at_dim_minus_two_and_enumeration(sde):
     trace = poutine.trace(model2).get_trace(x)
     trace.compute_log_prob()
     assert trace.nodes["x"]["log_prob"].shape == (3, B)
+
+
+def test_high_noise_weighting_closed_form(sde):
+    from pyro_diffmvae.weighting import high_noise_weighting
+
+    t = torch.tensor([1e-3, 0.3, 0.6, 1.0], dtype=torch.float64)
+    a2, s2 = sde.alpha(t) ** 2, sde.sigma2(t)
+    expected = s2 * torch.clamp(s2 / a2, 1.0, 20.0)
+    torch.testing.assert_close(high_noise_weighting(t, sde), expected)
+    assert high_noise_weighting(t, sde)[0] == s2[0]  # low noise: the plain eps-MSE weight
+    assert high_noise_weighting(t, sde)[-1] == pytest.approx(20 * s2[-1].item())  # capped at 20x
+    lik = ScoreMatchingLikelihood(GaussianEpsPredictor(sde), None, sde, weighting="high_noise", event_shape=(3,))
+    assert not lik.is_bound and lik.time_sampling == "uniform"
