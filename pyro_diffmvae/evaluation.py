@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -131,7 +130,7 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     conditional_images = {}
     for given in given_subsets(names) + [tuple(names)]:
         targets = [m for m in names if m not in given] or names
-        gen = vae.generate(_without(truth, names, given), given=list(given), targets=targets,
+        gen = vae.generate(_without(truth, given), given=list(given), targets=targets,
                            sampler=ev.sampler, steps=ev.sampler_steps)
         key = "+".join(given) if len(given) < len(names) else "all (reconstruction)"
         row = {}
@@ -180,7 +179,7 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     return metrics
 
 
-def _without(batch: Mapping, names: Sequence[str], given: Sequence[str]) -> dict:
+def _without(batch: Mapping, given: Sequence[str]) -> dict:
     """The batch restricted to the given modalities."""
     return {k: v for k, v in batch.items() if k in given}
 

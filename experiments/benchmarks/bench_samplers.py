@@ -49,7 +49,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -340,7 +339,6 @@ def _null_time(fn, steps, shape, sde, z, device, repeats) -> tuple[tuple[float, 
 
 
 def bench_wall(args, net, sde, shape, z, device, out: list[str]):
-    span = sde.T - sde.eps
     cnet = CountingNet(net)
     batch = shape[0]
     specs = [

@@ -79,7 +79,6 @@ import gc
 import io
 import math
 import os
-import platform
 import pstats
 import shlex
 import statistics
@@ -278,13 +277,12 @@ class HandLoss:
         omega = omega / omega.sum(-1, keepdim=True)
         # 3.-4. subset(s), PoE, reparameterised z
         if self.enumerate:
-            K = omega.shape[1]
             mu_z, logvar_z = poe(mu[None], logvar[None], self.subsets[:, None, :] & available[None], self.prior_expert)
             w_site = omega.T  # (K, B)
         else:
             k = torch.multinomial(omega, 1).squeeze(-1)
             mu_z, logvar_z = poe(mu, logvar, self.subsets[k] & available, self.prior_expert)
-            K, w_site = 1, None
+            w_site = None
         z = mu_z + torch.empty_like(mu_z).normal_() * torch.exp(0.5 * logvar_z)
         lead = z.shape[:-1]  # (B,) or (K, B)
         zf = z.reshape(-1, z.shape[-1])
