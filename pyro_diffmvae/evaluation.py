@@ -57,7 +57,7 @@ def mask_to_factors(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor
     width = m.any(1).float().sum(1)
     fill = area / (height * width).clamp(min=1)
     shape = torch.where(fill > 0.9, 1, torch.where(fill > 0.64, 0, 2))
-    r_small, r_large = shapes._RADII  # half-extents as fractions of the image side
+    r_small, r_large = shapes.SIZE_HALF_EXTENTS
     size = (torch.maximum(height, width) > (r_small + r_large) * S).long()
     horizontal = (cx / S * 3).long().clamp(0, 2)
     vertical = (cy / S * 3).long().clamp(0, 2)

@@ -195,7 +195,7 @@ def test_mask_geometry(all_combos):
         small, large = area[(f[:, 0] == shape) & (f[:, 2] == 0)], area[(f[:, 0] == shape) & (f[:, 2] == 1)]
         assert large.min() > 1.4 * small.max()
     # and the areas are close to the ideal continuous areas
-    r = torch.tensor(sh._RADII)[f[:, 2]] * S
+    r = torch.tensor(sh.SIZE_HALF_EXTENTS)[f[:, 2]] * S
     ideal = torch.stack([math.pi * r**2, 4 * r**2, 1.5 * r**2], -1).gather(1, f[:, :1]).squeeze(1)
     assert ((area - ideal).abs() / ideal).max() < 0.35
 

@@ -1,4 +1,4 @@
-"""The hardware header every benchmark prints beside its numbers (shared by the bench_* scripts)."""
+"""Shared pieces of the bench_* scripts: the hardware header printed beside the numbers, and the report writer."""
 
 from __future__ import annotations
 
@@ -50,3 +50,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def write_report(lines: list[str], path: str | None) -> str:
+    """Join the report's lines and, when ``path`` is given, write them there (folders created)."""
+    report = "\n".join(lines) + "\n"
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(report)
+    return report

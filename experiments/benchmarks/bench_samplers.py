@@ -57,7 +57,7 @@ from typing import Callable
 
 import torch
 
-from _hardware import hardware_lines, load_line, resolve_device  # noqa: E402  (script dir on sys.path)
+from _hardware import hardware_lines, load_line, resolve_device, write_report  # noqa: E402  (script dir on sys.path)
 import torchsde
 
 from pyro_diffmvae.nets.unet import ConditionalUNet
@@ -605,12 +605,7 @@ def main(argv=None) -> str:
         flush()
     out.append(f"_At end: {load_line()}._")
     flush()
-    report = "\n".join(out) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(report)
-    return report
+    return write_report(out, args.out)
 
 
 if __name__ == "__main__":

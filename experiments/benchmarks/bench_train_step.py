@@ -89,7 +89,7 @@ from typing import Callable, Mapping
 import pyro
 import torch
 
-from _hardware import hardware_lines, load_line, resolve_device  # noqa: E402  (script dir on sys.path)
+from _hardware import hardware_lines, load_line, resolve_device, write_report  # noqa: E402  (script dir on sys.path)
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
@@ -813,12 +813,7 @@ def main(argv=None) -> str:
         flush()
     out.append(f"_At end: {load_line()}._")
     flush()
-    report = "\n".join(out) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(report)
-    return report
+    return write_report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ MIN_IMAGE_SIZE = 16
 # Rendering constants, in units of the image size S.
 _POSITIONS = (0.25, 0.5, 0.75)
 _JITTER = 0.04
-_RADII = (0.13, 0.19)  # small, large half-extent
+SIZE_HALF_EXTENTS = (0.13, 0.19)  # small, large half-extent, as fractions of the image side
 _COLOURS = torch.tensor(
     [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=torch.float32
 )
@@ -298,7 +298,7 @@ def _render_uint8(factors: torch.Tensor, image_size: int, rng=None) -> tuple[tor
     images = torch.empty(N, 3, S, S, dtype=torch.uint8)
     masks = torch.empty(N, 1, S, S, dtype=torch.bool)
     grid = (torch.arange(S, dtype=torch.float32) + 0.5) / S  # pixel centres in (0, 1)
-    positions, radii = torch.tensor(_POSITIONS), torch.tensor(_RADII)
+    positions, radii = torch.tensor(_POSITIONS), torch.tensor(SIZE_HALF_EXTENTS)
     for lo in range(0, N, _CHUNK):
         f, v = factors[lo : lo + _CHUNK], u[lo : lo + _CHUNK]
         B = f.shape[0]
