@@ -85,6 +85,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
         diff = m.diffusion
         return DiffusionDecoder(
             unet, shape, VPSDE(beta_min=diff.beta_min, beta_max=diff.beta_max), weighting=cfg.weighting.name,
+            prediction=diff.prediction,
             num_draws=diff.num_draws, time_sampling=cfg.weighting.time_sampling,
             sampler=diff.sampler, sampler_steps=diff.sampler_steps, output_range=(-1.0, 1.0),
         )

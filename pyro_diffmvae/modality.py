@@ -18,6 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .nets.parameterization import EpsFromPrediction
 from .likelihoods import ScoreMatchingLikelihood
 from .sde import VPSDE
 from .weighting import Weighting
@@ -133,6 +134,9 @@ class DiffusionDecoder(nn.Module):
         :class:`ScoreMatchingLikelihood` (``"likelihood"`` for Diff-MVAE, ``"simple"`` for Diff-MVAE*).
     :param sampler, sampler_steps: the default reverse-time sampler for generation
         (``"sde"`` with 1000 steps in the paper's Diff-MVAE, ``"ddim"`` with 50 in Diff-MVAE*).
+    :param prediction: what ``eps_net`` predicts: ``"eps"`` (default), ``"x0"`` or ``"v"``. Any
+        other than ``"eps"`` is wrapped in :class:`~pyro_diffmvae.nets.parameterization.EpsFromPrediction`,
+        so ``self.eps_net`` is always an ε-predictor and the objective (and bound) is unchanged.
     :param output_range: clamp generated samples to this ``(low, high)`` data range (e.g. images
         in [-1, 1]); with DDIM the denoised estimate is also clipped at every step. ``None``
         leaves samples as the sampler returns them.
@@ -153,12 +157,14 @@ class DiffusionDecoder(nn.Module):
         sampler: str = "ddim",
         sampler_steps: int | None = None,
         output_range: tuple[float, float] | None = None,
+        prediction: str = "eps",
     ):
         super().__init__()
         self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
-        self.eps_net = eps_net
         self.event_shape = torch.Size(event_shape)
         self.sde = sde if sde is not None else VPSDE()
+        self.prediction = prediction
+        self.eps_net = eps_net if prediction == "eps" else EpsFromPrediction(eps_net, self.sde, prediction)
         self.likelihood_kwargs = dict(
             weighting=weighting,
             num_draws=num_draws,

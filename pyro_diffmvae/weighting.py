@@ -25,6 +25,12 @@ Named weightings:
                   :math:`\mathrm{SNR}_t = \alpha_t^2/\sigma_t^2`: the ε-MSE up-weighted where the noise
                   dominates (up to 20×), i.e. towards the x₀-error there. At high noise only z can tell
                   the decoder what to draw, and the plain ε-MSE barely rewards using it. Not a bound.
+``"v_mse"``       :math:`\lambda = \sigma_t^2/\alpha_t^2`: the ε-MSE divided by :math:`\alpha_t^2`, which is
+                  the v-MSE :math:`\|\hat v - v\|^2 = (1+\mathrm{SNR}_t)\|\hat x_0 - x_0\|^2` of
+                  Salimans & Ho (2022). At high noise it is the plain x₀-error, so the decoder is
+                  paid in full for drawing from z what x_t no longer shows. Pair it with
+                  ``prediction="v"`` (its weight reaches ~2·10⁴ at t = T on the default SDE, which an
+                  ε-network's error would turn into a huge-variance loss). Not a bound.
 
 Any callable ``weighting(t, sde) -> Tensor`` (same shape as ``t``) is accepted too.
 """
@@ -42,6 +48,7 @@ __all__ = [
     "simple_weighting",
     "unit_weighting",
     "high_noise_weighting",
+    "v_mse_weighting",
     "get_weighting",
 ]
 
@@ -68,11 +75,17 @@ def high_noise_weighting(t: torch.Tensor, sde, cap: float = 20.0) -> torch.Tenso
     return sigma2 * inv_snr.clamp(1.0, cap)
 
 
+def v_mse_weighting(t: torch.Tensor, sde) -> torch.Tensor:
+    r""":math:`\lambda(t) = \sigma_t^2/\alpha_t^2`: the v-MSE (= ε-MSE / α², = (1+SNR)·x₀-MSE)."""
+    return sde.sigma2(t) / sde.alpha(t) ** 2
+
+
 WEIGHTINGS: dict[str, Callable] = {
     "likelihood": likelihood_weighting,
     "simple": simple_weighting,
     "unit": unit_weighting,
     "high_noise": high_noise_weighting,
+    "v_mse": v_mse_weighting,
 }
 
 Weighting = Union[str, Callable[[torch.Tensor, object], torch.Tensor]]
