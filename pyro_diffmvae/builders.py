@@ -15,48 +15,130 @@ from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
 from .model import MultimodalVAE
 from .nets.decoders import ConvDecoder, MLPDecoder, TokenDecoder
 from .nets.encoders import ConvEncoder, MLPEncoder, TokenEncoder
+from .nets.text import TokenSequenceDecoder, TokenSequenceEncoder
 from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior
 from .sde import VPSDE
 
 __all__ = ["DATASETS", "build_datasets", "build_model", "build_latent_prior", "modality_specs"]
 
-DATASETS = ("shapes",)
+DATASETS = ("shapes", "polymnist", "celebamask_hq", "cub")
+
+
+def _check_dataset(cfg: DictConfig) -> str:
+    name = cfg.dataset.name
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
+    return name
 
 
 def build_datasets(cfg: DictConfig):
     """``(train, val, test)`` data sets of ``cfg.dataset``."""
-    name = cfg.dataset.name
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
-    from .data.shapes import ShapesDataset
-
+    name = _check_dataset(cfg)
     d = cfg.dataset
-    common = dict(image_size=d.image_size, seed=d.seed, cache_dir=d.cache_dir, modalities=tuple(d.modalities))
-    return (
-        ShapesDataset("train", size=d.train_size, **common),
-        ShapesDataset("val", size=d.val_size, **common),
-        ShapesDataset("test", size=d.test_size, **common),
-    )
+    if name == "shapes":
+        from .data.shapes import ShapesDataset
+
+        common = dict(image_size=d.image_size, seed=d.seed, cache_dir=d.cache_dir, modalities=tuple(d.modalities))
+        return (
+            ShapesDataset("train", size=d.train_size, **common),
+            ShapesDataset("val", size=d.val_size, **common),
+            ShapesDataset("test", size=d.test_size, **common),
+        )
+    if name == "polymnist":
+        return _polymnist_datasets(d)
+    if name == "celebamask_hq":
+        from .data.celebamask_hq import CelebAMaskHQDataset
+
+        common = dict(image_size=d.image_size, modalities=tuple(d.modalities), attributes=tuple(d.attributes),
+                      cache_dir=d.cache_dir)
+        return tuple(CelebAMaskHQDataset(d.root, split, size=size, **common)
+                     for split, size in (("train", d.train_size), ("val", d.val_size), ("test", d.test_size)))
+    from .data.cub import CUBImageCaptionDataset
+
+    train = CUBImageCaptionDataset(d.root, "train", image_size=d.image_size, caption_length=d.caption_length,
+                                   cache_dir=d.cache_dir)
+    test = CUBImageCaptionDataset(d.root, "test", image_size=d.image_size, caption_length=d.caption_length,
+                                  vocab=train.vocab, cache_dir=d.cache_dir)
+    return train, test, test  # CUB has no official validation split: validation monitors the test split
+
+
+def _polymnist_datasets(d: DictConfig):
+    """PolyMNIST from ``d.root``; built there first from MNIST + backgrounds when ``d.build`` says so.
+
+    The published data set has train and test only; validation holds out the last ``val_size``
+    training examples.
+    """
+    from pathlib import Path
+
+    from torch.utils.data import Subset
+
+    from .data.polymnist import LAYOUT, PolyMNISTDataset, build_polymnist
+
+    root = Path(d.root)
+    if not (root / "train").is_dir():
+        if d.build is None or not d.build.enabled:
+            raise FileNotFoundError(f"PolyMNIST root {root} has no train/ folder (expected layout {LAYOUT}); "
+                                    "set dataset.build.enabled=true to build it from MNIST and background photos")
+        b = d.build
+        print(f"building PolyMNIST in {root} from {b.mnist_root} and {b.backgrounds_dir} (seed {b.seed})")
+        build_polymnist(b.mnist_root, b.backgrounds_dir, root, seed=b.seed, num_train=b.num_train, num_test=b.num_test)
+    full = PolyMNISTDataset(root, "train", modalities=tuple(d.modalities), cache_dir=d.cache_dir)
+    n_val = int(d.val_size)
+    if not 0 < n_val < len(full):
+        raise ValueError(f"dataset.val_size must lie in (0, {len(full)}) for {len(full)} training examples, got {n_val}")
+    n_train = len(full) - n_val if d.train_size is None else int(d.train_size)
+    if n_train + n_val > len(full):
+        raise ValueError(f"dataset.train_size + val_size = {n_train + n_val} exceeds the {len(full)} training examples")
+    train = Subset(full, range(n_train))
+    val = Subset(full, range(len(full) - n_val, len(full)))
+    test = PolyMNISTDataset(root, "test", modalities=tuple(d.modalities), size=d.test_size, cache_dir=d.cache_dir)
+    return train, val, test
 
 
 def modality_specs(cfg: DictConfig) -> dict[str, dict]:
     """Per modality of the data set: its event shape and feed-forward likelihood kind."""
-    if cfg.dataset.name != "shapes":
-        raise ValueError(f"unknown dataset {cfg.dataset.name!r}; known: {list(DATASETS)}")
-    from .data import shapes
+    name = _check_dataset(cfg)
+    d = cfg.dataset
+    if name == "shapes":
+        from .data import shapes
 
-    S = cfg.dataset.image_size
-    specs = {
-        "image": dict(shape=(3, S, S), likelihood="normal"),
-        "mask": dict(shape=(1, S, S), likelihood="bernoulli"),
-        "attributes": dict(shape=(shapes.NUM_ATTRIBUTES,), likelihood="bernoulli"),
-        "text": dict(shape=(shapes.CAPTION_LENGTH,), likelihood="categorical", num_classes=len(shapes.VOCAB)),
-    }
-    unknown = [m for m in cfg.dataset.modalities if m not in specs]
+        S = d.image_size
+        specs = {
+            "image": dict(shape=(3, S, S), likelihood="normal"),
+            "mask": dict(shape=(1, S, S), likelihood="bernoulli"),
+            "attributes": dict(shape=(shapes.NUM_ATTRIBUTES,), likelihood="bernoulli"),
+            "text": dict(shape=(shapes.CAPTION_LENGTH,), likelihood="categorical", num_classes=len(shapes.VOCAB)),
+        }
+    elif name == "polymnist":
+        from .data.polymnist import POLYMNIST_MODALITIES
+
+        # Laplace likelihoods for the feed-forward image decoders, as in MoPoE's PolyMNIST experiments
+        specs = {m: dict(shape=(3, 28, 28), likelihood="laplace") for m in POLYMNIST_MODALITIES}
+        specs.update({m: dict(shape=(3, 28, 28), likelihood="laplace") for m in d.modalities if m not in specs})
+    elif name == "celebamask_hq":
+        S = d.image_size
+        specs = {
+            "image": dict(shape=(3, S, S), likelihood="normal"),
+            "mask": dict(shape=(1, S, S), likelihood="bernoulli"),
+            "attributes": dict(shape=(len(d.attributes),), likelihood="bernoulli"),
+        }
+    else:  # cub
+        specs = {
+            "image": dict(shape=(3, d.image_size, d.image_size), likelihood="normal"),
+            "text": dict(shape=(d.caption_length,), likelihood="categorical", num_classes=_cub_vocab_size(d)),
+        }
+    unknown = [m for m in d.modalities if m not in specs]
     if unknown:
-        raise ValueError(f"unknown modalities {unknown} for dataset 'shapes'; known: {sorted(specs)}")
-    return {m: specs[m] for m in cfg.dataset.modalities}
+        raise ValueError(f"unknown modalities {unknown} for dataset {name!r}; known: {sorted(specs)}")
+    return {m: specs[m] for m in d.modalities}
+
+
+def _cub_vocab_size(d: DictConfig) -> int:
+    """Size of the vocabulary built from the CUB training captions (deterministic from the data)."""
+    from .data.cub import CUBImageCaptionDataset
+
+    return len(CUBImageCaptionDataset(d.root, "train", image_size=8, caption_length=d.caption_length, size=1).vocab)
 
 
 def _encoder(name: str, spec: dict, cfg: DictConfig):
@@ -65,6 +147,8 @@ def _encoder(name: str, spec: dict, cfg: DictConfig):
     if len(shape) == 3:
         return ConvEncoder(shape[0], shape[1], D, width=width)
     if spec["likelihood"] == "categorical":
+        if cfg.dataset.name == "cub":  # captions: padding-aware convolutional sequence encoder
+            return TokenSequenceEncoder(spec["num_classes"], shape[0], D, embed_dim=width * 2, hidden=width * 4)
         return TokenEncoder(spec["num_classes"], shape[0], D)
     return MLPEncoder(shape[0], D)
 
@@ -93,8 +177,11 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
         return FeedForwardDecoder(ConvDecoder(D, shape[0], shape[1], width=m.decoder_width), shape, spec["likelihood"],
                                   scale=0.1, learn_scale=spec["likelihood"] != "bernoulli")
     if spec["likelihood"] == "categorical":
-        return FeedForwardDecoder(TokenDecoder(D, shape[0], spec["num_classes"]), shape, "categorical",
-                                  num_classes=spec["num_classes"])
+        if cfg.dataset.name == "cub":
+            net = TokenSequenceDecoder(D, shape[0], spec["num_classes"], hidden=m.decoder_width * 4)
+        else:
+            net = TokenDecoder(D, shape[0], spec["num_classes"])
+        return FeedForwardDecoder(net, shape, "categorical", num_classes=spec["num_classes"])
     return FeedForwardDecoder(MLPDecoder(D, shape[0]), shape, spec["likelihood"])
 
 
