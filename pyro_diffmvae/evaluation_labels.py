@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from .metrics.coherence import FactorClassifier, load_or_train_classifier, predict_factors, train_factor_classifier
 from .metrics.f1 import sample_f1
