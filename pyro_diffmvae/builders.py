@@ -157,7 +157,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
     m = cfg.model
     D = m.latent_dim
     shape = spec["shape"]
-    if name in cfg.dataset.diffusion_modalities:
+    if m.diffusion_decoders and name in cfg.dataset.diffusion_modalities:
         if len(shape) != 3:
             raise ValueError(f"modality {name!r}: diffusion decoders are for images, its shape is {shape}")
         u = m.unet

@@ -33,6 +33,9 @@ def test_every_config_group_option_composes_and_builds(group, option):
     assert vae.latent_dim == cfg.model.latent_dim
     assert vae.fusion == cfg.fusion.name
     assert vae.names == list(cfg.dataset.modalities)
+    if not cfg.model.diffusion_decoders:  # MoPoE: every decoder feed-forward
+        assert not any(m.is_diffusion for m in vae.modalities.values())
+        return
     image = vae.modalities[cfg.dataset.diffusion_modalities[0]].decoder
     assert image.likelihood_kwargs["weighting"] == cfg.weighting.name
     assert image.is_bound == (cfg.weighting.name == "likelihood")

@@ -1,0 +1,177 @@
+"""Run experiment presets over seeds and build the paper's tables (Markdown + CSV, mean ± std over seeds).
+
+Run (each preset × seed is one ``diffmvae-train`` in ``<out>/<preset>/seed<k>``; a finished run is
+reused, never overwritten)::
+
+    python experiments/paper_tables.py run --presets polymnist_mopoe_cpu polymnist_diffmvae_star_cpu \\
+        --seeds 0 1 --out experiments/runs [-- extra hydra overrides]
+
+Build the tables from whatever runs exist::
+
+    python experiments/paper_tables.py tables --out experiments/runs --results experiments/results
+
+Tables (one Markdown and one CSV file each, rows = presets):
+
+* ``table1_cub``: CUB FD/FID of images generated from text and unconditionally (paper Table 1);
+* ``table3_celebamask_hq``: CelebAMask-HQ F1 of attributes and masks and FD/FID of images for every
+  given subset (paper Table 3);
+* ``polymnist_coherence``: conditional coherence by number of given modalities and unconditional
+  coherence with N(0, I) and the latent score prior (the MoPoE / MMVAE+ PolyMNIST table).
+
+The paper's Table 2 (CUB CLIP score) needs a CLIP model, which this library does not compute yet.
+Every FD column says in its header whether it is Inception FID or a classifier-feature FD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+
+_TRAIN = "import sys; from pyro_diffmvae.cli import train_main; sys.argv[0] = 'diffmvae-train'; train_main()"
+
+
+def run_presets(presets: Sequence[str], seeds: Sequence[int], out: Path, overrides: Sequence[str] = ()) -> list[Path]:
+    """``diffmvae-train experiment=<preset> seed=<k>`` for every pair; returns the run directories."""
+    runs = []
+    for preset in presets:
+        for seed in seeds:
+            run_dir = out / preset / f"seed{seed}"
+            runs.append(run_dir)
+            if (run_dir / "metrics.json").exists():
+                print(f"[paper_tables] {run_dir} is finished; reusing it")
+                continue
+            cmd = [sys.executable, "-c", _TRAIN, f"experiment={preset}", f"seed={seed}",
+                   f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
+            print("[paper_tables] " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+    return runs
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def collect(out: Path) -> dict[str, list[dict]]:
+    """``{preset: [metrics of each seed]}`` from ``<out>/<preset>/seed*/metrics.json``."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*/seed*/metrics.json")):
+        found.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+    return found
+
+
+Column = tuple[str, Callable[[Mapping], float | None]]
+
+
+def _get(*keys: str) -> Callable[[Mapping], float | None]:
+    def read(metrics: Mapping):
+        node = metrics
+        for k in keys:
+            if not isinstance(node, Mapping) or k not in node:
+                return None
+            node = node[k]
+        return float(node) if isinstance(node, (int, float)) else None
+    return read
+
+
+def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
+    """Rows ``[preset, "mean ± std (n)" ...]``; a value missing in every seed is "–"."""
+    rows = []
+    for preset, seeds in sorted(runs.items()):
+        row = [preset]
+        for _, read in columns:
+            vals = [v for v in (read(m) for m in seeds) if v is not None]
+            if not vals:
+                row.append("–")
+                continue
+            mean, std = _mean_std(vals)
+            row.append(f"{mean:.3f} ± {std:.3f} ({len(vals)})")
+        rows.append(row)
+    return rows
+
+
+def _fd_name(runs: Mapping[str, list[dict]]) -> str:
+    names = {m.get("fd_name") for seeds in runs.values() for m in seeds if m.get("fd_name")}
+    return "/".join(sorted(names)) or "FD"
+
+
+def table_columns(kind: str, runs: Mapping[str, list[dict]]) -> list[Column]:
+    fd = _fd_name(runs)
+    if kind == "table1_cub":
+        return [(f"image {fd} given text", _get("conditional", "text", f"image_{fd}")),
+                (f"image {fd} unconditional N(0,I)", _get("unconditional", "normal", f"image_{fd}")),
+                (f"image {fd} unconditional score prior", _get("unconditional", "score", f"image_{fd}")),
+                ("image class coherence given text", _get("conditional", "text", "image_coherence"))]
+    if kind == "table3_celebamask_hq":
+        given = sorted({g for seeds in runs.values() for m in seeds for g in m.get("conditional", {})})
+        cols: list[Column] = []
+        for g in given:
+            cols += [(f"attributes F1 given {g}", _get("conditional", g, "attributes_f1")),
+                     (f"mask F1 given {g}", _get("conditional", g, "mask_f1")),
+                     (f"image {fd} given {g}", _get("conditional", g, f"image_{fd}"))]
+        # keep the columns that some run has
+        return [c for c in cols if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
+    if kind == "polymnist_coherence":
+        return [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
+            ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
+            ("unconditional score prior", _get("unconditional", "score", "agreement"))]
+    raise ValueError(f"unknown table {kind!r}")
+
+
+TABLES = {"table1_cub": "cub", "table3_celebamask_hq": "celebamask_hq", "polymnist_coherence": "polymnist"}
+
+
+def write_tables(out: Path, results: Path) -> list[Path]:
+    """Build every table whose data set has runs under ``out``; returns the files written."""
+    runs = collect(out)
+    written = []
+    results.mkdir(parents=True, exist_ok=True)
+    for kind, prefix in TABLES.items():
+        selected = {p: s for p, s in runs.items() if p.startswith(prefix)}
+        if not selected:
+            continue
+        columns = table_columns(kind, selected)
+        rows = build_table(selected, columns)
+        header = ["preset"] + [name for name, _ in columns]
+        md = results / f"{kind}.md"
+        md.write_text("\n".join([
+            f"# {kind} (mean ± std over seeds, number of seeds in brackets)", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]))
+        with open(results / f"{kind}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+        written += [md, results / f"{kind}.csv"]
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train presets over seeds, then build the tables")
+    run.add_argument("--presets", nargs="+", required=True)
+    run.add_argument("--seeds", nargs="+", type=int, default=[0])
+    run.add_argument("--out", type=Path, default=Path("experiments/runs"))
+    run.add_argument("--results", type=Path, default=Path("experiments/results"))
+    run.add_argument("overrides", nargs="*", help="extra hydra overrides (after --)")
+    tables = sub.add_parser("tables", help="build the tables from existing runs")
+    tables.add_argument("--out", type=Path, default=Path("experiments/runs"))
+    tables.add_argument("--results", type=Path, default=Path("experiments/results"))
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_presets(args.presets, args.seeds, args.out, args.overrides)
+    for path in write_tables(args.out, args.results):
+        print(f"[paper_tables] wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
