@@ -186,16 +186,22 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
 
 
 def build_model(cfg: DictConfig) -> MultimodalVAE:
-    """The :class:`MultimodalVAE` of ``cfg.model``, ``cfg.fusion`` and ``cfg.weighting``."""
+    """The :class:`MultimodalVAE` of ``cfg.model``, ``cfg.fusion`` and ``cfg.weighting``.
+
+    The training objective itself is :func:`pyro_diffmvae.objectives.build_objective` (``cfg.model.objective``);
+    only ``mmvae_plus`` changes the networks: private encoders and decoders over ``[z, w]``."""
     specs = modality_specs(cfg)
     unknown = [n for n in cfg.dataset.diffusion_modalities if n not in specs]
     if unknown:
         raise ValueError(f"diffusion_modalities {unknown} are not modalities of the data set {sorted(specs)}")
     weights = OmegaConf.to_container(cfg.model.likelihood_weights)
-    modalities = [
-        Modality(name, _encoder(name, spec, cfg), _decoder(name, spec, cfg), weight=float(weights.get(name, 1.0)))
-        for name, spec in specs.items()
-    ]
+    if cfg.model.get("objective", "elbo") == "mmvae_plus":
+        modalities = _mmvae_plus_modalities(specs, cfg, weights)
+    else:
+        modalities = [
+            Modality(name, _encoder(name, spec, cfg), _decoder(name, spec, cfg), weight=float(weights.get(name, 1.0)))
+            for name, spec in specs.items()
+        ]
     subsets = cfg.fusion.subsets
     if subsets is not None and not isinstance(subsets, str):
         subsets = OmegaConf.to_container(subsets)
@@ -203,6 +209,33 @@ def build_model(cfg: DictConfig) -> MultimodalVAE:
         modalities, cfg.model.latent_dim, fusion=cfg.fusion.name, subset_strategy=cfg.model.subset_strategy,
         subsets=subsets, prior_expert=cfg.model.prior_expert, beta=cfg.model.beta,
     )
+
+
+def _with_latent_dim(cfg: DictConfig, latent_dim: int) -> DictConfig:
+    """A copy of ``cfg`` whose ``model.latent_dim`` is ``latent_dim`` (to size private encoders and
+    the decoders over ``[z, w]`` with the builders above)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.model.latent_dim = int(latent_dim)
+    return out
+
+
+def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping) -> list[Modality]:
+    """MMVAE+ modalities: shared + private encoders and decoders over ``[z, w]`` of size
+    ``latent_dim + private_latent_dim`` (see :class:`~pyro_diffmvae.objectives.MMVAEPlus`)."""
+    from .objectives import PrivateLatentDecoder, SharedPrivateEncoder
+
+    D = int(cfg.model.latent_dim)
+    Dw = cfg.model.get("private_latent_dim", None)
+    if not (isinstance(Dw, int) and Dw > 0):
+        raise ValueError(f"model.objective=mmvae_plus needs a positive int model.private_latent_dim, got {Dw!r}")
+    cfg_w, cfg_u = _with_latent_dim(cfg, Dw), _with_latent_dim(cfg, D + Dw)
+    return [
+        Modality(name, SharedPrivateEncoder(_encoder(name, spec, cfg), _encoder(name, spec, cfg_w)),
+                 PrivateLatentDecoder(_decoder(name, spec, cfg_u), D, Dw), weight=float(weights.get(name, 1.0)))
+        for name, spec in specs.items()
+    ]
 
 
 def build_latent_prior(cfg: DictConfig) -> LatentScorePrior:

@@ -44,8 +44,8 @@ def test_every_config_group_option_composes_and_builds(group, option):
 def test_defaults_are_diffmvae_star():
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
         cfg = compose("config")
-    assert (cfg.model.name, cfg.weighting.name, cfg.model.diffusion.sampler, cfg.model.diffusion.sampler_steps) == (
-        "diffmvae_star", "simple", "ddim", 50)
+    assert (cfg.model.name, cfg.weighting.name, cfg.model.diffusion.prediction, cfg.model.diffusion.sampler,
+            cfg.model.diffusion.sampler_steps) == ("diffmvae_star", "v_mse", "v", "ddim", 50)
     assert cfg.dataset.name == "shapes" and list(cfg.dataset.diffusion_modalities) == ["image"]
     assert cfg.latent_prior.fit and cfg.trainer.accelerator == "auto"
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
