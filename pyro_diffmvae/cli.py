@@ -1,18 +1,71 @@
 """Hydra command-line apps: ``diffmvae-train``, ``diffmvae-evaluate``, ``diffmvae-sample``.
 
 Every output goes to the hydra run directory (``outputs/<date>/<time>`` by default, or
-``hydra.run.dir=...``); a run directory that already holds results is never overwritten.
+``hydra.run.dir=...``); a run directory that already holds results is never overwritten (the one
+exception: resuming a run, below).
 
 * ``diffmvae-train [overrides]``: trains the VAE (Lightning: progress bar, ``checkpoints/last.ckpt``
   and ``checkpoints/best.ckpt``), fits the latent score prior, saves ``model.pt`` (config + weights),
   then evaluates: ``metrics.json``, ``report.md``, ``figures/*.png``.
 * ``diffmvae-evaluate checkpoint=<run>/model.pt [evaluation.*=...]``: the same evaluation of a saved model.
 * ``diffmvae-sample checkpoint=<run>/model.pt [sample.*=...]``: unconditional samples as PNGs.
+
+Robust runs
+-----------
+* **Reproducible.** ``seed`` seeds everything (data order, initialisation, the subset and diffusion-time
+  draws, the latent prior and the evaluation, each phase re-seeded from ``seed``): two runs with the
+  same config on the same machine write the same ``metrics.json`` (up to its ``*_seconds`` timings).
+* **Non-finite losses.** ``trainer.nonfinite=stop`` (default): a NaN/inf training loss ends the run
+  (exit status 2) with an error naming the global step and the ELBO term(s) that went non-finite; no
+  checkpoint is written for that step, so ``last.ckpt`` / ``best.ckpt`` keep the last good state.
+  ``trainer.nonfinite=skip``: such a batch's update is skipped and counted (``train/skipped_nonfinite``
+  in ``logs/metrics.csv``) until ``trainer.max_nonfinite`` (default 10) were skipped, then the run stops.
+* **Checkpoints** are written atomically (a temporary file in ``checkpoints/``, then renamed).
+* **SIGTERM / Ctrl-C** during training (e.g. a SLURM time limit or preemption, ``kill <pid>``): the run
+  stops at the end of the current step, writes a resumable ``checkpoints/last.ckpt``, says how to
+  resume and exits with status 143 (SIGTERM) or 130 (Ctrl-C; press it twice to abort without saving).
+* **Resume**: ``diffmvae-train trainer.resume_from=<run dir>`` (or ``=<run dir>/checkpoints/last.ckpt``)
+  continues that run from its ``checkpoints/last.ckpt`` *in that directory* (weights, optimizer and
+  EMA, global step, RNG states, position in the data: the result is the same as an uninterrupted run),
+  then fits the prior and evaluates there as usual. The run's own config (stored in the checkpoint) is
+  used; on the command line only ``trainer.*`` (not ``trainer.batch_size``), ``evaluation.*``,
+  ``latent_prior.*``, ``dataset.cache_dir`` and ``dataset.root`` may be changed (e.g.
+  ``trainer.max_steps=5000`` to train longer, ``trainer.devices=4``). It refuses a directory without
+  ``checkpoints/last.ckpt`` and a finished run (``model.pt`` exists). This invocation's own hydra
+  directory only records the resume command; do not point ``hydra.run.dir`` at the run being resumed
+  (hydra would overwrite its ``.hydra/`` record).
+
+Devices and DDP
+---------------
+``trainer=gpu``: one GPU with bf16 autocast. ``trainer=ddp``: data-parallel, one process per device
+(``trainer.devices=2`` by default, ``trainer.accelerator=cpu`` with the gloo backend; set
+``trainer.accelerator=gpu`` for NCCL). ``trainer.batch_size`` is per process: the effective batch is
+``batch_size × devices × num_nodes``. Each process seeds its RNGs with ``seed + rank``, so the ranks'
+subset and diffusion-time draws are independent and reproducible, and each rank reads its own share of
+every epoch. Only rank 0 writes checkpoints, fits the latent prior and evaluates.
+
+* One machine: ``diffmvae-train trainer=ddp trainer.devices=4 [trainer.accelerator=gpu]`` — Lightning
+  starts the other processes itself (it passes them the same ``hydra.run.dir``).
+* ``torchrun``: every process runs the app, so give them one explicit output directory::
+
+      torchrun --nproc-per-node=4 $(which diffmvae-train) trainer=ddp trainer.devices=4 \
+          trainer.accelerator=gpu hydra.run.dir=outputs/ddp_run
+
+  (multi-node: ``torchrun --nnodes=2 --node-rank=<i> --master-addr=<host> --master-port=29500 ...``
+  with ``trainer.num_nodes=2``).
+* SLURM: one task per device, ``srun`` starts them and Lightning reads the SLURM environment
+  (``#SBATCH --nodes=2 --ntasks-per-node=4 --gpus-per-node=4``, then
+  ``srun diffmvae-train trainer=ddp trainer.accelerator=gpu trainer.devices=4 trainer.num_nodes=2
+  hydra.run.dir=outputs/$SLURM_JOB_ID``). With ``#SBATCH --signal=SIGTERM@120`` the job gets SIGTERM
+  two minutes before its time limit and checkpoints; continue it with
+  ``srun diffmvae-train trainer.resume_from=outputs/<job id>`` (the stored config keeps the DDP
+  settings; the same number of processes restores every rank's RNG states).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -22,16 +75,35 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["train_main", "evaluate_main", "sample_main", "run_train", "run_evaluate", "run_sample", "load_run"]
+__all__ = ["train_main", "evaluate_main", "sample_main", "run_train", "run_evaluate", "run_sample", "load_run",
+           "resume_paths", "resume_config", "TrainingInterrupted"]
 
 RESULT_NAMES = ("model.pt", "metrics.json", "report.md", "checkpoints", "figures", "samples")
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped by a signal; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _env_rank() -> int:
+    """This process's rank when a launcher (torchrun, SLURM, Lightning's DDP launcher) started it, else 0."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
 
 
 def _output_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     out = Path(HydraConfig.get().runtime.output_dir)
-    clash = [n for n in RESULT_NAMES if (out / n).exists()]
+    # DDP: rank 0 checks; the other ranks share its directory (rank 0 may already be writing there)
+    clash = [n for n in RESULT_NAMES if (out / n).exists()] if _env_rank() == 0 else []
     if clash:
         raise FileExistsError(f"output directory {out} already holds results {clash}; choose another hydra.run.dir "
                               "(nothing is overwritten)")
@@ -49,6 +121,65 @@ def _atomic_save(obj, path: Path) -> None:
             os.unlink(tmp)
 
 
+def resume_paths(resume_from: str | os.PathLike) -> tuple[Path, Path]:
+    """``(run dir, its checkpoints/last.ckpt)`` for ``trainer.resume_from`` (a run dir or that file).
+
+    Raises ``FileNotFoundError`` naming the missing path, ``FileExistsError`` for a finished run."""
+    path = Path(resume_from).expanduser().absolute()
+    if path.suffix == ".ckpt":
+        if path.name != "last.ckpt" or path.parent.name != "checkpoints":
+            raise ValueError(f"trainer.resume_from={resume_from}: resuming continues a run from its "
+                             "checkpoints/last.ckpt; give the run directory")
+        path = path.parent.parent
+    ckpt = path / "checkpoints" / "last.ckpt"
+    if not path.is_dir():
+        raise FileNotFoundError(f"cannot resume: run directory {path} does not exist")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"cannot resume {path}: {ckpt} does not exist (a run writes it at each validation, "
+                                "on SIGTERM / Ctrl-C)")
+    if (path / "model.pt").exists():
+        raise FileExistsError(f"cannot resume {path}: the run already finished (model.pt exists); start a new run "
+                              "(nothing is overwritten)")
+    return path, ckpt
+
+
+RESUME_OVERRIDABLE = ("trainer.", "evaluation.", "latent_prior.", "dataset.cache_dir", "dataset.root")
+
+
+def resume_config(cfg: DictConfig, stored: dict, overrides: list[str], run: Path) -> DictConfig:
+    """The config of a resumed run: the run's stored ``config`` plus the allowed command-line ``overrides``.
+
+    Trainer keys added since the run started take ``cfg``'s values; ``trainer.resume_from`` is ``run``."""
+    resumed = OmegaConf.create(stored)
+    for key, value in cfg.trainer.items():
+        if key not in resumed.trainer:
+            resumed.trainer[key] = value
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "trainer.resume_from":
+            continue
+        if override.startswith("~") or not key.startswith(RESUME_OVERRIDABLE) or key == "trainer.batch_size":
+            raise ValueError(f"cannot change {key!r} when resuming: a resumed run keeps the config stored in its "
+                             f"checkpoint; only {', '.join(k + ('*' if k.endswith('.') else '') for k in RESUME_OVERRIDABLE)} "
+                             "may be overridden (not trainer.batch_size)")
+        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+    resumed.trainer.resume_from = str(run)
+    return resumed
+
+
+def _train_setup(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """(config, output dir) of ``diffmvae-train``: a fresh hydra run dir, or the run being resumed."""
+    if not cfg.trainer.get("resume_from"):
+        return cfg, _output_dir()
+    from hydra.core.hydra_config import HydraConfig
+
+    run, ckpt = resume_paths(cfg.trainer.resume_from)
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("diffmvae_config")
+    if stored is None:
+        raise ValueError(f"cannot resume from {ckpt}: it holds no diffmvae-train config")
+    return resume_config(cfg, stored, list(HydraConfig.get().overrides.task), run), run
+
+
 def _seed(seed: int) -> None:
     import lightning as L
     import pyro
@@ -58,26 +189,41 @@ def _seed(seed: int) -> None:
 
 
 def run_train(cfg: DictConfig, out: Path) -> dict:
-    """Train, fit the latent prior, save, evaluate. Returns the metrics."""
+    """Train, fit the latent prior, save, evaluate. Returns the metrics (``{}`` on DDP ranks other than 0).
+
+    With ``cfg.trainer.resume_from`` set, training continues from ``out/checkpoints/last.ckpt``."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader
 
     from .builders import build_datasets, build_latent_prior, build_model
     from .evaluation import evaluate, save_metrics, write_report
     from .figures import save_loss_curves
+    from .objectives import build_objective
     from .prior import collect_latents
-    from .train import DiffMVAEModule, make_trainer
+    from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer
 
+    t = cfg.trainer
+    resume_ckpt = None
+    if t.resume_from:
+        resume_ckpt = out / "checkpoints" / "last.ckpt"
+        if not resume_ckpt.is_file():
+            raise FileNotFoundError(f"cannot resume {out}: {resume_ckpt} does not exist")
+        print(f"resuming {out} from {resume_ckpt}")
     _seed(cfg.seed)
     train_set, val_set, test_set = build_datasets(cfg)
     vae = build_model(cfg)
-    t = cfg.trainer
-    train_loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, drop_last=True)
+    # a seeded, checkpointed data order (exact resume); it shards itself across DDP ranks
+    train_loader = ResumableDataLoader(train_set, batch_size=t.batch_size, seed=cfg.seed, shuffle=True,
+                                       num_workers=t.num_workers, drop_last=True)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
+    objective_name = cfg.model.get("objective", "elbo") or "elbo"
+    objective = None if objective_name == "elbo" else build_objective(cfg)  # None: the module's own ELBO
     module = DiffMVAEModule(vae, lr=t.lr, weight_decay=t.weight_decay, log_parts_every=t.log_parts_every,
-                            ema_decay=t.ema_decay)
+                            ema_decay=t.ema_decay, seed=cfg.seed, nonfinite=t.nonfinite, max_nonfinite=t.max_nonfinite,
+                            objective=objective)
     config = OmegaConf.to_container(cfg, resolve=True)
 
     class StoreConfig(L.Callback):
@@ -86,21 +232,44 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
 
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/loss", mode="min",
                            save_last=True, save_top_k=1)
+    interrupt = SaveOnInterrupt(out / "checkpoints")
     trainer = make_trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, gradient_clip_val=t.gradient_clip_val,
         precision=t.precision, default_root_dir=str(out), log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar, callbacks=[ckpt, StoreConfig()], logger=CSVLogger(str(out), name="logs", version=""),
-        val_check_interval=min(t.val_every_n_steps, len(train_loader)), check_val_every_n_epoch=None, limit_val_batches=t.val_batches,
+        enable_progress_bar=t.progress_bar, strategy=t.strategy, num_nodes=t.num_nodes,
+        callbacks=[ckpt, StoreConfig(), interrupt], logger=CSVLogger(str(out), name="logs", version=""),
+        val_check_interval=min(t.val_every_n_steps, len(train_loader)), check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches, use_distributed_sampler=False,
     )
     start = time.time()
-    trainer.fit(module, train_loader, val_loader)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_ckpt)
+    except SIGTERMException:  # a SystemExit with code 0: turn it into a non-zero exit saying how to resume
+        name = interrupt.signal_name or "SIGTERM"
+        saved = (f"a resumable checkpoint is in {interrupt.saved_path}" if interrupt.saved_path is not None
+                 else "no checkpoint could be written")
+        raise TrainingInterrupted(f"training stopped by {name} at global step {trainer.global_step}; {saved}. "
+                                  f"Resume with: diffmvae-train trainer.resume_from={out}",
+                                  128 + int(getattr(signal, name))) from None
     train_seconds = time.time() - start
+    if trainer.received_sigterm:  # arrived during the last step: stop before the prior and the evaluation
+        name = interrupt.signal_name or "SIGTERM"
+        raise TrainingInterrupted(f"{name} during the last training step; resume with: diffmvae-train "
+                                  f"trainer.resume_from={out} (it repeats the steps since the last checkpoint)",
+                                  128 + int(getattr(signal, name)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP: rank 0 alone fits the prior, saves and evaluates; without the process group, no metric
+        # (e.g. torchmetrics' FID) tries to sync with ranks that have left
+        torch.distributed.destroy_process_group()
+    if not trainer.is_global_zero:
+        return {}
     vae = module.vae.cpu()
 
     prior_seconds = 0.0
     if cfg.latent_prior.fit:
         start = time.time()
         print(f"fitting the latent score prior on z ~ q(z | all modalities) ({cfg.latent_prior.steps} steps)")
+        _seed(cfg.seed)  # each phase from the seed: results do not depend on how training drew
         lat_loader = DataLoader(train_set, batch_size=256, shuffle=False)
         latents = collect_latents(vae, lat_loader, cfg.latent_prior.samples_per_example)
         prior = build_latent_prior(cfg)
@@ -111,10 +280,13 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     _atomic_save({"config": config, "vae": vae.state_dict()}, out / "model.pt")
     save_loss_curves(out / "logs" / "metrics.csv", out / "loss_curves.png")
 
-    metrics = {"training": {"steps": int(trainer.global_step), "train_seconds": round(train_seconds, 1),
-                            "latent_prior_seconds": round(prior_seconds, 1)}}
+    metrics = {"training": {"objective": objective_name, "steps": int(trainer.global_step),
+                            "train_seconds": round(train_seconds, 1), "latent_prior_seconds": round(prior_seconds, 1)}}
+    if module.skipped_nonfinite:
+        metrics["training"]["skipped_nonfinite"] = int(module.skipped_nonfinite)
     if cfg.evaluation.enabled:
         start = time.time()
+        _seed(cfg.seed)
         metrics.update(evaluate(vae, test_set, train_set, cfg, out))
         metrics["training"]["evaluation_seconds"] = round(time.time() - start, 1)
     save_metrics(metrics, out / "metrics.json")
@@ -156,6 +328,7 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict:
     vae, run_cfg = load_run(cfg.checkpoint)
     run_cfg.evaluation = cfg.evaluation  # evaluation settings come from this call
     train_set, _, test_set = build_datasets(run_cfg)
+    _seed(cfg.seed)  # as diffmvae-train seeds its evaluation
     metrics = evaluate(vae, test_set, train_set, run_cfg, out)
     save_metrics(metrics, out / "metrics.json")
     write_report(metrics, out / "report.md", title=f"evaluation of {cfg.checkpoint}")
@@ -179,18 +352,23 @@ def run_sample(cfg: DictConfig, out: Path) -> Path:
     return out / "samples"
 
 
-def _main(fn, cfg: DictConfig):
+def _main(fn, cfg: DictConfig, setup=None):
     try:
-        fn(cfg, _output_dir())
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        cfg, out = setup(cfg) if setup is not None else (cfg, _output_dir())
+        fn(cfg, out)
+    except TrainingInterrupted as err:
+        print(f"{err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+        # FloatingPointError: train.NonFiniteLossError (a NaN/inf training loss)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def train_main(cfg: DictConfig) -> None:
-    """diffmvae-train: train, fit the latent prior, evaluate."""
-    _main(run_train, cfg)
+    """diffmvae-train: train (or resume, trainer.resume_from=<run dir>), fit the latent prior, evaluate."""
+    _main(run_train, cfg, setup=_train_setup)
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")

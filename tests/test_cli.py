@@ -92,3 +92,17 @@ def test_app_errors(tmp_path):
     assert res.returncode == 2 and "needs checkpoint=" in res.stderr
     res = run_app("train", "experiment=tiny", "dataset.modalities=[image,sound]", f"hydra.run.dir={tmp_path}/e", cwd=tmp_path)
     assert res.returncode == 2 and "unknown modalit" in res.stderr and "'sound'" in res.stderr
+
+
+@pytest.mark.parametrize("model", ["mvae", "mmvae", "mvtcae", "mmvae_plus"])
+def test_baseline_models_train_with_their_objective(tmp_path, model):
+    from pyro_diffmvae.objectives import OBJECTIVES, build_objective
+
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        cfg = compose("config", overrides=[f"model={model}", "experiment=tiny"])
+    assert isinstance(build_objective(cfg), OBJECTIVES[model])
+    res = run_app("train", f"model={model}", "experiment=tiny", "evaluation.enabled=false", "latent_prior.fit=false",
+                  f"hydra.run.dir={tmp_path}/run", f"dataset.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["training"]["objective"] == model and metrics["training"]["steps"] == 6

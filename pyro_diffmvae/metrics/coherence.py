@@ -254,7 +254,8 @@ def load_or_train_classifier(
                 raise ValueError("not a FactorClassifier cache file")
             cfg = dict(ckpt["config"])
             cfg["image_size"] = tuple(cfg["image_size"])
-            net = FactorClassifier(**cfg)
+            with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
+                net = FactorClassifier(**cfg)
             net.load_state_dict(ckpt["state_dict"])
         except Exception as e:
             raise RuntimeError(
