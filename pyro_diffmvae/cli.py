@@ -44,6 +44,19 @@ Devices and DDP
 subset and diffusion-time draws are independent and reproducible, and each rank reads its own share of
 every epoch. Only rank 0 writes checkpoints, fits the latent prior and evaluates.
 
+GPU speed settings (``trainer.*``; the CPU defaults leave each off):
+
+* ``precision``: Lightning's, ``32-true`` (default), ``bf16-mixed`` (``trainer=gpu``) or ``16-mixed``:
+  autocast; the likelihoods turn the networks' low-precision outputs into float32 before their
+  squared errors and sums, so the ELBO is reduced in float32.
+* ``channels_last: true`` (``trainer=gpu``): the diffusion decoders' UNets and the image batches in
+  ``torch.channels_last`` (NHWC convolutions, the fast cuDNN path under bf16/fp16).
+* ``compile: true``: ``torch.compile`` each diffusion decoder's ε-network during training
+  (``compile_backend``, default ``inductor``; ``compile_mode``, e.g. ``max-autotune``). Checkpoints keep
+  the uncompiled parameter names; evaluation runs the eager networks.
+* ``accumulate_grad_batches``: one optimizer step per this many batches (Lightning's; ``max_steps``
+  counts optimizer steps, ``val_every_n_steps`` batches).
+
 * One machine: ``diffmvae-train trainer=ddp trainer.devices=4 [trainer.accelerator=gpu]`` — Lightning
   starts the other processes itself (it passes them the same ``hydra.run.dir``).
 * ``torchrun``: every process runs the app, so give them one explicit output directory::
@@ -67,13 +80,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from .io import atomic_torch_save
 
 __all__ = ["train_main", "evaluate_main", "sample_main", "run_train", "run_evaluate", "run_sample", "load_run",
            "resume_paths", "resume_config", "TrainingInterrupted"]
@@ -108,17 +122,6 @@ def _output_dir() -> Path:
         raise FileExistsError(f"output directory {out} already holds results {clash}; choose another hydra.run.dir "
                               "(nothing is overwritten)")
     return out
-
-
-def _atomic_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def resume_paths(resume_from: str | os.PathLike) -> tuple[Path, Path]:
@@ -223,7 +226,9 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     objective = None if objective_name == "elbo" else build_objective(cfg)  # None: the module's own ELBO
     module = DiffMVAEModule(vae, lr=t.lr, weight_decay=t.weight_decay, log_parts_every=t.log_parts_every,
                             ema_decay=t.ema_decay, seed=cfg.seed, nonfinite=t.nonfinite, max_nonfinite=t.max_nonfinite,
-                            objective=objective)
+                            objective=objective, channels_last=t.get("channels_last", False),
+                            compile=t.get("compile", False), compile_backend=t.get("compile_backend", "inductor"),
+                            compile_mode=t.get("compile_mode", None))
     config = OmegaConf.to_container(cfg, resolve=True)
 
     class StoreConfig(L.Callback):
@@ -237,6 +242,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, gradient_clip_val=t.gradient_clip_val,
         precision=t.precision, default_root_dir=str(out), log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, strategy=t.strategy, num_nodes=t.num_nodes,
+        accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
         callbacks=[ckpt, StoreConfig(), interrupt], logger=CSVLogger(str(out), name="logs", version=""),
         val_check_interval=min(t.val_every_n_steps, len(train_loader)), check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, use_distributed_sampler=False,
@@ -277,7 +283,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         vae.latent_prior = prior
         prior_seconds = time.time() - start
     # the latent prior is a submodule of the VAE once attached, so one state dict holds both
-    _atomic_save({"config": config, "vae": vae.state_dict()}, out / "model.pt")
+    atomic_torch_save({"config": config, "vae": vae.state_dict()}, out / "model.pt")
     save_loss_curves(out / "logs" / "metrics.csv", out / "loss_curves.png")
 
     metrics = {"training": {"objective": objective_name, "steps": int(trainer.global_step),

@@ -241,7 +241,10 @@ class ScoreMatchingLikelihood(TorchDistribution):
                 f"eps_net returned shape {tuple(eps_hat.shape)}, expected the input's shape {tuple(x_t.shape)}"
             )
         event_dims = tuple(range(1, 1 + n_event))
-        sq_err = (eps_hat - noise).pow(2)
+        # under autocast eps_hat may be bf16/fp16: the squared error and its sums are taken in float32
+        # (float64 data stays float64)
+        acc = torch.promote_types(noise.dtype, torch.float32)
+        sq_err = (eps_hat.to(acc) - noise.to(acc)).pow(2)
         sq_err = sq_err.sum(event_dims) if event_dims else sq_err
         if self.control_variate:
             sq_err = sq_err - self.event_size * self.sde.alpha(t) ** 2

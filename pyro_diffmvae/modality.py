@@ -81,6 +81,8 @@ class FeedForwardDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> dist.TorchDistribution:
         """The likelihood p(x | z), batch shape ``z.shape[:-1]``."""
         params = self._params(z)
+        if params.dtype in (torch.float16, torch.bfloat16):  # autocast: the likelihood in float32
+            params = params.float()
         n = len(self.event_shape)
         if self.likelihood == "bernoulli":
             return dist.Bernoulli(logits=params, validate_args=False).to_event(n)

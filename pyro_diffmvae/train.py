@@ -33,7 +33,6 @@ import os
 import random
 import re
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -49,10 +48,12 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from torch.utils.data import DataLoader, Sampler
 
 from .model import MultimodalVAE, elbo_terms
+from .io import atomic_torch_save
 from .prior import LatentScorePrior
 
 __all__ = ["DiffMVAEModule", "make_trainer", "fit_svi", "NonFiniteLossError", "AtomicCheckpointIO",
-           "SaveOnInterrupt", "ResumableDataLoader", "EpochPermutationSampler"]
+           "SaveOnInterrupt", "ResumableDataLoader", "EpochPermutationSampler", "diffusion_eps_nets",
+           "eps_nets_to_channels_last", "batch_to_channels_last", "compile_eps_nets", "uncompile_eps_nets"]
 
 Objective = Callable[[MultimodalVAE, Mapping], torch.Tensor]
 
@@ -102,6 +103,56 @@ def _world() -> tuple[int, int]:
 _NONFINITE_IN_MESSAGE = re.compile(r"\bnan\b|\binf\b", re.IGNORECASE)
 
 
+# ------------------------------------------------------------------------------------ GPU path
+def diffusion_eps_nets(vae: MultimodalVAE) -> dict[str, torch.nn.Module]:
+    """The ε-networks (``decoder.eps_net``) of the diffusion decoders, by modality name."""
+    return {name: m.decoder.eps_net for name, m in vae.modalities.items() if m.is_diffusion}
+
+
+def eps_nets_to_channels_last(vae: MultimodalVAE) -> MultimodalVAE:
+    """Put the diffusion decoders' ε-networks (their 4-D conv weights) in ``torch.channels_last``, in place.
+
+    The parameters stay the same objects (only their strides change), so state-dict keys, optimizers
+    and checkpoints are unaffected; a channels-last checkpoint loads into a contiguous model and back.
+    On GPUs, channels-last convolutions (NHWC) are the fast path of cuDNN under bf16/fp16.
+    """
+    for net in diffusion_eps_nets(vae).values():
+        net.to(memory_format=torch.channels_last)
+    return vae
+
+
+def batch_to_channels_last(batch: Any) -> Any:
+    """The batch with every 4-D floating-point tensor (the images) in ``torch.channels_last``
+    (nested mappings, e.g. ``batch["available"]``, are walked; other values are returned as they are)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() == 4 and batch.is_floating_point():
+            return batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, Mapping):
+        return {k: batch_to_channels_last(v) for k, v in batch.items()}
+    return batch
+
+
+def compile_eps_nets(vae: MultimodalVAE, backend: str = "inductor", mode: str | None = None,
+                     **kwargs: Any) -> MultimodalVAE:
+    """``torch.compile`` the forward of every diffusion decoder's ε-network, in place.
+
+    Uses :meth:`torch.nn.Module.compile`, which compiles the module's call and leaves the module
+    itself (and so its parameter names: no ``_orig_mod.`` prefix) as it is: checkpoints written while
+    compiled load into an uncompiled model. :func:`uncompile_eps_nets` undoes it.
+    """
+    for net in diffusion_eps_nets(vae).values():
+        net.compile(backend=backend, mode=mode, **kwargs)
+    return vae
+
+
+def uncompile_eps_nets(vae: MultimodalVAE) -> MultimodalVAE:
+    """Undo :func:`compile_eps_nets` (the ε-networks run eagerly again)."""
+    for net in diffusion_eps_nets(vae).values():
+        net._compiled_call_impl = None
+    return vae
+
+
 class DiffMVAEModule(L.LightningModule):
     """Lightning module that trains a :class:`MultimodalVAE` with ``TraceMeanField_ELBO``.
 
@@ -130,6 +181,17 @@ class DiffMVAEModule(L.LightningModule):
         counts it in :attr:`skipped_nonfinite` (logged as ``train/skipped_nonfinite``; Lightning's
         ``global_step`` and ``max_steps`` still count the batch) and stops anyway once
         ``max_nonfinite`` steps were skipped. Under DDP the ranks decide together (one all-reduce).
+    :param channels_last: put the diffusion decoders' ε-networks (at construction) and every 4-D
+        floating-point tensor of a batch (after its transfer to the device) in ``torch.channels_last``
+        (:func:`eps_nets_to_channels_last`, :func:`batch_to_channels_last`): faster convolutions on GPUs
+        under bf16/fp16. The loss is the same up to float round-off.
+    :param compile: ``torch.compile`` the diffusion decoders' ε-networks while fitting
+        (:func:`compile_eps_nets` in :meth:`setup`, undone in :meth:`teardown`), with ``compile_backend``
+        and ``compile_mode``. Parameter names, and so checkpoints, are those of the uncompiled model.
+
+    Mixed precision is Lightning's (``make_trainer(precision="bf16-mixed")``, autocast): the diffusion
+    likelihood's squared error and the feed-forward likelihoods are computed in float32 from the
+    networks' bf16/fp16 outputs, so the ELBO's reductions stay in float32.
     """
 
     def __init__(
@@ -146,6 +208,10 @@ class DiffMVAEModule(L.LightningModule):
         seed: int | None = None,
         nonfinite: str = "stop",
         max_nonfinite: int = 10,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
@@ -162,6 +228,11 @@ class DiffMVAEModule(L.LightningModule):
         self.nonfinite, self.max_nonfinite = nonfinite, int(max_nonfinite)
         self.skipped_nonfinite = 0
         self._skipped_step = False
+        self.channels_last = bool(channels_last)
+        self.compile_eps = bool(compile)
+        self.compile_backend, self.compile_mode = compile_backend, compile_mode
+        if self.channels_last:  # before the EMA copies the networks: the averages share the layout
+            eps_nets_to_channels_last(vae)
         self._val_rng: dict | None = None
         self.ema_decay = ema_decay
         self.ema = None
@@ -185,6 +256,15 @@ class DiffMVAEModule(L.LightningModule):
             seed = int(seed) + self.global_rank
             L.seed_everything(seed, verbose=False)
             pyro.set_rng_seed(seed)
+        if self.compile_eps:
+            compile_eps_nets(self.vae, backend=self.compile_backend, mode=self.compile_mode)
+
+    def teardown(self, stage: str) -> None:
+        if self.compile_eps:  # sampling and evaluation after fitting run the eager networks
+            uncompile_eps_nets(self.vae)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return batch_to_channels_last(batch) if self.channels_last else batch
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Add every rank's RNG states (gathered under DDP) and the non-finite counter."""
@@ -452,18 +532,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(checkpoint, path)
 
 
 class SaveOnInterrupt(L.Callback):
@@ -567,6 +636,7 @@ def make_trainer(
     strategy="auto",
     num_nodes: int = 1,
     save_on_interrupt: bool = True,
+    accumulate_grad_batches: int = 1,
     **kwargs,
 ) -> L.Trainer:
     """A Lightning trainer with this project's defaults (CPU-friendly; GPU when there is one).
@@ -575,6 +645,10 @@ def make_trainer(
     ``CheckpointIO``), and, with ``save_on_interrupt`` and checkpointing enabled, a
     :class:`SaveOnInterrupt` callback saves a resumable ``last.ckpt`` on SIGTERM / Ctrl-C.
     ``strategy`` / ``num_nodes`` / ``devices``: Lightning's (e.g. ``strategy="ddp", devices=2``).
+    ``precision``: Lightning's (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``: autocast, see
+    :class:`DiffMVAEModule`). ``accumulate_grad_batches``: Lightning's; one optimizer step per this many
+    batches (``max_steps`` counts optimizer steps; each batch's loss is divided by this number, so the
+    accumulated gradient is that of the mean loss over the batches).
     """
     plugins = kwargs.pop("plugins", None)
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -596,6 +670,7 @@ def make_trainer(
         enable_progress_bar=enable_progress_bar,
         strategy=strategy,
         num_nodes=num_nodes,
+        accumulate_grad_batches=int(accumulate_grad_batches),
         plugins=plugins,
         callbacks=callbacks,
         **kwargs,

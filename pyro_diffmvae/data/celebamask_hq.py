@@ -54,7 +54,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -62,6 +61,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..io import atomic_torch_save
 
 __all__ = [
     "ATTRIBUTE_FILE",
@@ -552,19 +553,7 @@ class CelebAMaskHQDataset(Dataset):
         return {k: blob[k] for k in ("ids", *stored)}
 
     def _save_cache(self, path: str, data: Mapping[str, torch.Tensor]) -> None:
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"key": dict(self.key), **data}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)  # atomic: readers see no file or the complete one
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_torch_save({"key": dict(self.key), **data}, path)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:

@@ -59,7 +59,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -67,6 +66,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..io import atomic_torch_save
 
 __all__ = [
     "BOS",
@@ -523,17 +524,7 @@ class CUBImageCaptionDataset(Dataset):
         return blob["image"]
 
     def _save_cache(self, path: str, images: torch.Tensor) -> None:
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"key": dict(self.key), "image_ids": list(self.image_ids), "image": images}, fh)
-            os.replace(tmp, path)  # atomic
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_torch_save({"key": dict(self.key), "image_ids": list(self.image_ids), "image": images}, path)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:

@@ -59,6 +59,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..io import atomic_torch_save
+
 __all__ = [
     "DEFAULT_BACKGROUNDS",
     "IMAGE_SHAPE",
@@ -549,19 +551,7 @@ class PolyMNISTDataset(Dataset):
         return {name: images[name] for name in self.modalities}
 
     def _save_cache(self, path: str, images: Mapping[str, torch.Tensor]) -> None:
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"key": dict(self.key), "images": dict(images)}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_torch_save({"key": dict(self.key), "images": dict(images)}, path)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:

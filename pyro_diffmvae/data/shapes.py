@@ -69,12 +69,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ..io import atomic_torch_save
 
 __all__ = [
     "FACTORS",
@@ -515,19 +516,7 @@ class ShapesDataset(Dataset):
         return {k: blob[k] for k in ("image", "mask", "factors")}
 
     def _save_cache(self, path: str, data: Mapping[str, torch.Tensor]) -> None:
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({"key": dict(self.key), **{k: data[k] for k in ("image", "mask", "factors")}}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_torch_save({"key": dict(self.key), **{k: data[k] for k in ("image", "mask", "factors")}}, path)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:

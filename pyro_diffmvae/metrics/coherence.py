@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..io import atomic_torch_save
 
 __all__ = [
     "FactorClassifier",
@@ -273,17 +274,7 @@ def load_or_train_classifier(
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "info": info,
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(ckpt, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(ckpt, path)
     return net.eval(), info
 
 
