@@ -110,12 +110,24 @@ class LatentScorePrior(nn.Module):
         return -lik.log_prob(z0).mean() * 2.0 / (self.sde.T - self.sde.eps)
 
     def fit(self, latents: torch.Tensor, steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
-            generator: torch.Generator | None = None, callback=None) -> list[float]:
-        """Fit to a tensor of latents ``(N, D)`` with Adam; returns the loss per step."""
+            generator: torch.Generator | None = None, callback=None, ema_decay: float | None = None) -> list[float]:
+        """Fit to a tensor of latents ``(N, D)`` with Adam (cosine learning rate); returns the loss per step.
+
+        With ``ema_decay`` an exponential moving average of the ε-network's weights
+        (``torch.optim.swa_utils``) is kept during training and copied into it at the end, so that
+        sampling uses the averaged weights.
+        """
         if latents.dim() != 2 or latents.shape[1] != self.latent_dim:
             raise ValueError(f"latents must have shape (N, {self.latent_dim}), got {tuple(latents.shape)}")
         if not torch.isfinite(latents).all():
             raise ValueError("latents contain non-finite values")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
+        averaged = None
+        if ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            averaged = AveragedModel(self.eps_net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
         opt = torch.optim.Adam(self.eps_net.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         losses = []
@@ -127,9 +139,15 @@ class LatentScorePrior(nn.Module):
             loss.backward()
             opt.step()
             sched.step()
+            if averaged is not None:
+                averaged.update_parameters(self.eps_net)
             losses.append(loss.item())
             if callback is not None:
                 callback(step, loss.item())
+        if averaged is not None:
+            with torch.no_grad():
+                for p, q in zip(self.eps_net.parameters(), averaged.module.parameters()):
+                    p.copy_(q)
         self.eval()
         return losses
 
