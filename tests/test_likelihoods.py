@@ -115,7 +115,7 @@ def test_callable_weighting_and_unknown_name(sde):
     assert name == "<lambda>"
     lik = ScoreMatchingLikelihood(GaussianEpsPredictor(sde), None, sde, weighting=lambda t, s: 2 * s.g2(t), event_shape=(3,))
     assert not lik.is_bound
-    with pytest.raises(ValueError, match=r"known weightings: \[.high_noise., .likelihood., .simple., .unit.\]"):
+    with pytest.raises(ValueError, match=r"known weightings: \[.high_noise., .likelihood., .simple., .unit., .v_mse.\]"):
         get_weighting("g2")
     with pytest.raises(ValueError, match="unknown time_sampling"):
         ScoreMatchingLikelihood(GaussianEpsPredictor(sde), None, sde, event_shape=(3,), time_sampling="log")
