@@ -1,9 +1,13 @@
-"""Shared pieces of the bench_* scripts: the hardware header printed beside the numbers, and the report writer."""
+"""Shared pieces of the bench_* scripts: the hardware header printed beside the numbers, device and thread
+setup, the command line, number formatting, Markdown tables and the report writer."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import shlex
+import sys
 
 import torch
 
@@ -60,3 +64,41 @@ def write_report(lines: list[str], path: str | None) -> str:
         with open(path, "w") as fh:
             fh.write(report)
     return report
+
+
+def setup_device(threads: int | None, device_name: str) -> torch.device:
+    """Set torch's intra-op threads (when given), resolve the device, and let cuDNN autotune on CUDA."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run: ``python <script relative to cwd> <arguments>``."""
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(script)] + argv_used)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work (timings are otherwise only launch times); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fmt(x: float, digits: int = 3, non_finite: str | None = None) -> str:
+    """``x`` with about ``digits`` significant digits; ``str(x)`` for 0, and for nan/inf unless ``non_finite`` is given."""
+    if not math.isfinite(x):
+        return str(x) if non_finite is None else non_finite
+    if x == 0:
+        return str(x)
+    mag = math.floor(math.log10(abs(x)))
+    return f"{x:.{max(0, digits - 1 - mag)}f}"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -48,16 +48,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
-import shlex
 import statistics
-import sys
 import time
 from typing import Callable
 
 import torch
 
-from _hardware import hardware_lines, load_line, resolve_device, write_report  # noqa: E402  (script dir on sys.path)
+from _hardware import command_line, fmt, hardware_lines, load_line, md_table, setup_device, sync, write_report  # noqa: E402  (script dir on sys.path)
 import torchsde
 
 from pyro_diffmvae.nets.unet import ConditionalUNet
@@ -150,11 +147,6 @@ def uniform_grid(span: float, steps: int) -> list[tuple[float, float]]:
     return [(span * i / steps, span * (i + 1) / steps) for i in range(steps)]
 
 
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, all threads) of one call of ``fn``."""
     sync(device)
@@ -166,19 +158,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]
 
 def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    mag = math.floor(math.log10(abs(x)))
-    return f"{x:.{max(0, digits - 1 - mag)}f}"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- hand-written EM
@@ -551,19 +530,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = setup_device(args.threads, args.device)
     sde = VPSDE()
     net, cfg = build_net(args, device)
     n_params = sum(p.numel() for p in net.parameters())
     shape = (args.batch, args.channels, args.image_size, args.image_size)
     z = torch.randn(args.batch, args.z_dim, device=device, generator=torch.Generator(device=device).manual_seed(args.seed))
 
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_used)
+    cmd = command_line(__file__, argv)
     out = [
         "# Sampler benchmark: torchsde reverse SDE vs hand-written Euler–Maruyama; DDIM vs SDE vs PF-ODE\n",
         f"- Command: `{cmd}`",

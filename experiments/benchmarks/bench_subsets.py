@@ -30,17 +30,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import shlex
 import statistics
-import sys
 import time
 
 import pyro
 import torch
 
-from _hardware import hardware_lines, load_line, resolve_device, write_report  # noqa: E402  (script dir on sys.path)
-from bench_throughput import fmt, md_table, sync  # noqa: E402  (script dir on sys.path)
+from _hardware import command_line, hardware_lines, load_line, md_table, setup_device, sync, write_report  # noqa: E402  (script dir on sys.path)
+from bench_throughput import fmt  # noqa: E402  (script dir on sys.path)
 from hydra import compose, initialize_config_module
 
 from pyro_diffmvae.builders import build_model
@@ -115,13 +112,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_used)
+    device = setup_device(args.threads, args.device)
+    cmd = command_line(__file__, argv)
     cfg0 = compose_cfg(args, max(args.modalities), "sample")
     u = cfg0.model.unet
     dec = (f"a diffusion decoder per modality (UNet base {u.base_channels}, mults {list(u.channel_mults)}, weighting "

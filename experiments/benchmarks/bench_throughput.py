@@ -57,19 +57,17 @@ import ctypes
 import datetime
 import gc
 import itertools
-import math
 import os
 import resource
-import shlex
 import statistics
-import sys
 import threading
 import time
 
 import pyro
 import torch
 
-from _hardware import hardware_lines, load_line, resolve_device, write_report  # noqa: E402  (script dir on sys.path)
+import _hardware  # noqa: E402  (script dir on sys.path)
+from _hardware import command_line, hardware_lines, load_line, md_table, setup_device, sync, write_report  # noqa: E402  (script dir on sys.path)
 from hydra import compose, initialize_config_module
 
 from pyro_diffmvae.builders import build_model
@@ -93,24 +91,8 @@ def parse_variant(text: str) -> dict:
 
 
 def fmt(x: float, digits: int = 3) -> str:
-    """``x`` with about ``digits`` significant digits."""
-    if not math.isfinite(x):
-        return "n/a"
-    if x == 0:
-        return "0"
-    mag = math.floor(math.log10(abs(x)))
-    return f"{x:.{max(0, digits - 1 - mag)}f}"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """``x`` with about ``digits`` significant digits; "n/a" for nan/inf and "0" for zero (skipped variants)."""
+    return "0" if x == 0 else _hardware.fmt(x, digits, non_finite="n/a")
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -285,13 +267,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_used)
+    device = setup_device(args.threads, args.device)
+    cmd = command_line(__file__, argv)
     cfg0 = compose_cfg(args.image_sizes[0], args.override)
     u = cfg0.model.unet
     mem_how = ("`torch.cuda.max_memory_allocated` over the timed steps (parameters, gradients, Adam state, activations)"

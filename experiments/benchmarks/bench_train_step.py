@@ -80,16 +80,14 @@ import io
 import math
 import os
 import pstats
-import shlex
 import statistics
-import sys
 import time
 from typing import Callable, Mapping
 
 import pyro
 import torch
 
-from _hardware import hardware_lines, load_line, resolve_device, write_report  # noqa: E402  (script dir on sys.path)
+from _hardware import command_line, fmt, hardware_lines, load_line, md_table, setup_device, sync, write_report  # noqa: E402  (script dir on sys.path)
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
@@ -316,11 +314,6 @@ class HandLoss:
 
 
 # --------------------------------------------------------------------------- timing helpers
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -373,19 +366,6 @@ class GCMonitor:
             sel = [e[1] for e in events if e[0] == g]
             parts.append(f"gen{g}: {len(sel)} ({fmt(sum(sel) * 1e3)} ms)")
         return ", ".join(parts)
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    mag = math.floor(math.log10(abs(x)))
-    return f"{x:.{max(0, digits - 1 - mag)}f}"
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def quartiles(v: list[float]) -> tuple[float, float]:
@@ -736,11 +716,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = setup_device(args.threads, args.device)
     pyro.clear_param_store()
     vae, unet_cfg = build_vae(args)
     vae = vae.to(device)
@@ -753,8 +729,7 @@ def main(argv=None) -> str:
     n_all = sum(p.numel() for p in vae.parameters())
     K = vae.subsets.shape[0]
 
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + argv_used)
+    cmd = command_line(__file__, argv)
     out = [
         "# Training-step benchmark: Pyro `TraceMeanField_ELBO` vs hand-written torch loss\n",
         f"- Command: `{cmd}`",
