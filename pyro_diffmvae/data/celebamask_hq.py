@@ -63,6 +63,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..io import atomic_torch_save
+from .validation import check_modalities
 
 __all__ = [
     "ATTRIBUTE_FILE",
@@ -383,14 +384,7 @@ class CelebAMaskHQDataset(Dataset):
         # ---- arguments
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known splits: {list(SPLITS)}")
-        if isinstance(modalities, str):
-            modalities = (modalities,)
-        modalities = tuple(modalities)
-        unknown = [m for m in modalities if m not in MODALITIES]
-        if unknown:
-            raise ValueError(f"unknown modality names {unknown}; known modalities: {list(MODALITIES)}")
-        if not modalities or len(set(modalities)) != len(modalities):
-            raise ValueError(f"modalities must be a non-empty list of distinct names from {list(MODALITIES)}, got {list(modalities)}")
+        modalities = check_modalities(modalities, MODALITIES)
         if masks not in MASK_SOURCES:
             raise ValueError(f"masks must be one of {list(MASK_SOURCES)}, got {masks!r}")
         low, high = (int(b) for b in split_boundaries)

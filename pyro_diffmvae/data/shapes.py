@@ -76,6 +76,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..io import atomic_torch_save
+from .validation import check_modalities
 
 __all__ = [
     "FACTORS",
@@ -445,14 +446,7 @@ class ShapesDataset(Dataset):
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known splits: {list(SPLITS)}")
-        if isinstance(modalities, str):
-            modalities = (modalities,)
-        modalities = tuple(modalities)
-        unknown = [m for m in modalities if m not in MODALITIES]
-        if unknown:
-            raise ValueError(f"unknown modality names {unknown}; known modalities: {list(MODALITIES)}")
-        if not modalities or len(set(modalities)) != len(modalities):
-            raise ValueError(f"modalities must be a non-empty list of distinct names from {list(MODALITIES)}, got {list(modalities)}")
+        modalities = check_modalities(modalities, MODALITIES)
         size = DEFAULT_SPLIT_SIZES[split] if size is None else size
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
             raise ValueError(f"size must be a positive integer, got {size!r}")
