@@ -66,9 +66,14 @@ def mask_to_factors(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor
     return out
 
 
-def given_subsets(names: Sequence[str]) -> list[tuple[str, ...]]:
-    """Every non-empty proper subset of the modalities (the given sets of Table 3)."""
-    return [c for r in range(1, len(names)) for c in itertools.combinations(names, r)]
+def given_subsets(names: Sequence[str], max_per_size: int | None = None) -> list[tuple[str, ...]]:
+    """Every non-empty proper subset of the modalities (the given sets of Table 3), in order of
+    size; at most ``max_per_size`` of each size when given."""
+    out = []
+    for r in range(1, len(names)):
+        combos = list(itertools.combinations(names, r))
+        out += combos if max_per_size is None else combos[:max_per_size]
+    return out
 
 
 @torch.no_grad()
@@ -109,8 +114,9 @@ def _scores(name: str, generated: torch.Tensor, truth: Mapping, classifier) -> d
     return out
 
 
-def _slice(batch: Mapping, n: int) -> dict:
-    return {k: (_slice(v, n) if isinstance(v, Mapping) else v[:n]) for k, v in batch.items()}
+def slice_batch(batch: Mapping, index) -> dict:
+    """Every tensor of a (nested) batch indexed by ``index`` along the batch dim (e.g. ``slice(0, k)``)."""
+    return {k: (slice_batch(v, index) if isinstance(v, Mapping) else v[index]) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -170,7 +176,7 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     for m in names:
         if vae.modalities[m].is_diffusion:
             k = min(ev.bpd_examples, n)
-            z = vae.posterior(_slice(truth, k)).mean
+            z = vae.posterior(slice_batch(truth, slice(0, k))).mean
             mean, se = diffusion_bpd(vae.modalities[m].decoder, truth[m][:k], z, num_draws=ev.bpd_draws)
             mean, se = float(mean), float(se)
             metrics[f"{m}_bound_bpd"] = {"mean": mean, "se": se, "examples": k}

@@ -36,7 +36,6 @@ FDs only at the same ``num_examples``.
 from __future__ import annotations
 
 import hashlib
-import itertools
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -45,6 +44,7 @@ import torch
 from .metrics.coherence import FactorClassifier, load_or_train_classifier, predict_factors, train_factor_classifier
 from .metrics.f1 import sample_f1
 from .metrics.fid import FeatureFID
+from .evaluation import given_subsets, slice_batch
 from .model import MultimodalVAE
 
 __all__ = ["LabelSpec", "label_spec", "evaluate_with_labels", "linear_probe_accuracy", "given_subsets"]
@@ -97,21 +97,8 @@ def label_spec(cfg, names: Sequence[str], train_set) -> LabelSpec:
     raise ValueError(f"no label-based evaluation for dataset {name!r}; known: polymnist, celebamask_hq, cub")
 
 
-def given_subsets(names: Sequence[str], max_per_size: int | None = None) -> list[tuple[str, ...]]:
-    """Non-empty proper subsets of ``names`` (at most ``max_per_size`` of each size, in order)."""
-    out = []
-    for r in range(1, len(names)):
-        combos = list(itertools.combinations(names, r))
-        out += combos if max_per_size is None else combos[:max_per_size]
-    return out
-
-
 def _collate(dataset, indices: Sequence[int]) -> dict:
     return torch.utils.data.default_collate([dataset[i] for i in indices])
-
-
-def _slice(batch: Mapping, sl) -> dict:
-    return {k: (_slice(v, sl) if isinstance(v, Mapping) else v[sl]) for k, v in batch.items()}
 
 
 def linear_probe_accuracy(z_train: torch.Tensor, y_train: torch.Tensor, z_test: torch.Tensor, y_test: torch.Tensor,
@@ -272,7 +259,7 @@ def _latent_probe(vae, train_set, truth, labels, spec, names, ev) -> dict[str, f
     y_train = spec.labels_of(train)
     out = {}
     for given in [[m] for m in names] + [names]:
-        z_tr = torch.cat([vae.posterior(_slice(train, slice(i, i + 512)), given=given).mean
+        z_tr = torch.cat([vae.posterior(slice_batch(train, slice(i, i + 512)), given=given).mean
                           for i in range(0, n_train, 512)])
         z_te = vae.posterior(truth, given=given).mean
         key = "+".join(given) if len(given) < len(names) else "all"
