@@ -202,6 +202,10 @@ def build_model(cfg: DictConfig) -> MultimodalVAE:
             Modality(name, _encoder(name, spec, cfg), _decoder(name, spec, cfg), weight=float(weights.get(name, 1.0)))
             for name, spec in specs.items()
         ]
+    if cfg.model.get("two_stage", None):  # SBM-VAE-C / MLD: one latent of size latent_dim per modality
+        from .two_stage import TwoStageVAE
+
+        return TwoStageVAE(modalities, cfg.model.latent_dim, stage1=cfg.model.two_stage.stage1, beta=cfg.model.beta)
     subsets = cfg.fusion.subsets
     if subsets is not None and not isinstance(subsets, str):
         subsets = OmegaConf.to_container(subsets)
@@ -239,8 +243,20 @@ def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping) -> li
 
 
 def build_latent_prior(cfg: DictConfig) -> LatentScorePrior:
+    """The auxiliary latent score prior of ``cfg.latent_prior``; for the two-stage baselines
+    (``cfg.model.two_stage``) their stage-2 :class:`~pyro_diffmvae.two_stage.JointLatentDiffusion`
+    on the concatenated latents, with ``cfg.latent_prior``'s network size and
+    ``cfg.model.two_stage``'s mode, ``p_joint`` and conditional sampler."""
     p = cfg.latent_prior
     D = cfg.model.latent_dim
+    two = cfg.model.get("two_stage", None)
+    if two:
+        from .two_stage import JointLatentDiffusion, MultiTimeLatentMLP
+
+        M = len(cfg.dataset.modalities)
+        return JointLatentDiffusion(M, D, mode=two.mode, p_joint=two.get("p_joint", 0.5),
+                                    eps_net=MultiTimeLatentMLP(M, D, hidden=p.hidden, num_blocks=p.num_blocks),
+                                    sampler=two.sampler, sampler_steps=two.sampler_steps)
     return LatentScorePrior(D, LatentMLP(D, hidden=p.hidden, num_blocks=p.num_blocks), sampler=p.sampler,
                             sampler_steps=p.sampler_steps)
 

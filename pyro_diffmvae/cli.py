@@ -218,6 +218,10 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     _seed(cfg.seed)
     train_set, val_set, test_set = build_datasets(cfg)
     vae = build_model(cfg)
+    two_stage = cfg.model.get("two_stage", None)
+    if two_stage and cfg.evaluation.enabled and not cfg.latent_prior.fit:
+        raise ValueError(f"model={cfg.model.name} is two-stage: its stage 2 (the joint latent diffusion) is fitted "
+                         "in the latent-prior phase, so evaluation needs latent_prior.fit=true")
     # a seeded, checkpointed data order (exact resume); it shards itself across DDP ranks
     train_loader = ResumableDataLoader(train_set, batch_size=t.batch_size, seed=cfg.seed, shuffle=True,
                                        num_workers=t.num_workers, drop_last=True)
@@ -274,7 +278,9 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     prior_seconds = 0.0
     if cfg.latent_prior.fit:
         start = time.time()
-        print(f"fitting the latent score prior on z ~ q(z | all modalities) ({cfg.latent_prior.steps} steps)")
+        what = (f"stage 2 of {cfg.model.name} (joint latent diffusion, mode {two_stage.mode}) on the concatenated "
+                "unimodal latents" if two_stage else "the latent score prior on z ~ q(z | all modalities)")
+        print(f"fitting {what} ({cfg.latent_prior.steps} steps)")
         _seed(cfg.seed)  # each phase from the seed: results do not depend on how training drew
         lat_loader = DataLoader(train_set, batch_size=256, shuffle=False)
         latents = collect_latents(vae, lat_loader, cfg.latent_prior.samples_per_example)

@@ -168,7 +168,7 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
         if real is not None and "image" in gen:
             fid.reset()
             fid.update(real, real=True)
-            fid.update(gen["image"].cpu(), real=False)
+            fid.update(gen["image"].cpu().clamp(-1.0, 1.0), real=False)  # a feed-forward mean may overshoot the range
             row[fid.metric_name] = fid.compute()
             fd_name = fid.metric_name
         metrics["unconditional"][prior] = row

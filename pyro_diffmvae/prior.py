@@ -163,11 +163,12 @@ class LatentScorePrior(nn.Module):
 
 @torch.no_grad()
 def collect_latents(vae, batches: Iterable, samples_per_example: int = 1) -> torch.Tensor:
-    """Draw z₀ ~ q(z | all observed modalities) (full PoE) for every example of ``batches``."""
+    """Draw z₀ ~ q(z | all observed modalities) (full PoE) for every example of ``batches``
+    (``vae.posterior(batch)``; for a two-stage model, the concatenated unimodal latents)."""
     out = []
     for batch in batches:
         q = vae.posterior(batch)
-        out.append(q.sample((samples_per_example,)).reshape(-1, vae.latent_dim))
+        out.append(q.sample((samples_per_example,)).reshape(-1, q.event_shape[-1]))
     if not out:
         raise ValueError("collect_latents: no batches")
     return torch.cat(out)

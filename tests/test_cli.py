@@ -31,7 +31,7 @@ def test_every_config_group_option_composes_and_builds(group, option):
         pytest.skip(f"the CUB vocabulary is built from the captions under {cfg.dataset.root}, which is absent")
     vae = build_model(cfg)
     assert vae.latent_dim == cfg.model.latent_dim
-    assert vae.fusion == cfg.fusion.name
+    assert vae.fusion == ("two_stage" if cfg.model.get("two_stage") else cfg.fusion.name)
     assert vae.names == list(cfg.dataset.modalities)
     if not cfg.model.diffusion_decoders:  # MoPoE: every decoder feed-forward
         assert not any(m.is_diffusion for m in vae.modalities.values())
@@ -106,3 +106,31 @@ def test_baseline_models_train_with_their_objective(tmp_path, model):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["training"]["objective"] == model and metrics["training"]["steps"] == 6
+
+
+def test_two_stage_baseline_trains_fits_stage_2_and_reloads(tmp_path):
+    """model=mld end to end: stage 1 by the trainer, stage 2 in the latent-prior phase, evaluation
+    (the score row exists), and model.pt reloads as a TwoStageVAE whose stage 2 completes the latents
+    with the observed blocks unchanged."""
+    import torch
+
+    from pyro_diffmvae.cli import load_run
+    from pyro_diffmvae.two_stage import JointLatentDiffusion, TwoStageVAE
+
+    res = run_app("train", "model=mld", "experiment=tiny", f"hydra.run.dir={tmp_path}/run",
+                  f"dataset.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stage 2 of mld" in res.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["unconditional"]) == {"normal", "score"}
+    vae, cfg = load_run(tmp_path / "run" / "model.pt")
+    assert isinstance(vae, TwoStageVAE) and isinstance(vae.latent_prior, JointLatentDiffusion)
+    u = torch.randn(3, vae.joint_dim)
+    observed = torch.tensor([True, False, True])
+    done = vae.latent_prior.sample_conditional(u, observed, steps=3)
+    d = cfg.model.latent_dim
+    assert torch.equal(done[:, :d], u[:, :d]) and torch.equal(done[:, 2 * d:], u[:, 2 * d:])
+    assert not torch.equal(done[:, d:2 * d], u[:, d:2 * d])
+    res = run_app("train", "model=mld", "experiment=tiny", "latent_prior.fit=false", f"hydra.run.dir={tmp_path}/b",
+                  f"dataset.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert res.returncode == 2 and "needs latent_prior.fit=true" in res.stderr

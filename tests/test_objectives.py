@@ -402,8 +402,9 @@ def test_private_latent_decoder_draws_w_from_the_prior_for_generation():
 
 
 # -------------------------------------------------------------------- configs and builders
-@pytest.mark.parametrize("model,expected", [("diffmvae_star", ELBO), ("mopoe", ELBO), ("mvae", MVAE), ("mmvae", MMVAE),
-                                            ("mvtcae", MVTCAE), ("mmvae_plus", MMVAEPlus)])
+@pytest.mark.parametrize("model,expected", [("diffmvae_star", ELBO), ("mopoe", ELBO), ("mopoe_star", ELBO), ("mvae", MVAE),
+                                            ("mmvae", MMVAE), ("mvtcae", MVTCAE), ("mmvae_plus", MMVAEPlus),
+                                            ("sbm_vae_c", ELBO), ("mld", ELBO)])
 def test_model_configs_build_a_vae_and_their_objective(model, expected):
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
         cfg = compose("config", overrides=[f"model={model}", "experiment=tiny"])
@@ -415,6 +416,17 @@ def test_model_configs_build_a_vae_and_their_objective(model, expected):
         assert objective.alpha == pytest.approx(5 / 6) and objective.prior_expert is False
     if model == "mvae":
         assert objective.prior_expert is True and vae.prior_expert is True
+    if model in ("sbm_vae_c", "mld"):
+        from pyro_diffmvae.builders import build_latent_prior
+        from pyro_diffmvae.two_stage import JointLatentDiffusion, TwoStageVAE
+
+        prior = build_latent_prior(cfg)
+        assert isinstance(vae, TwoStageVAE) and isinstance(prior, JointLatentDiffusion)
+        assert vae.stage1 == {"sbm_vae_c": "vae", "mld": "autoencoder"}[model] and prior.mode == model[:3]
+        assert prior.latent_dim == len(vae.names) * cfg.model.latent_dim
+    if model in ("mopoe", "mopoe_star"):
+        assert not any(m.is_diffusion for m in vae.modalities.values())
+        assert vae.beta == {"mopoe": 2.5, "mopoe_star": 1.0}[model]
     if model == "mmvae_plus":
         for m in vae.modalities.values():
             assert isinstance(m.decoder, PrivateLatentDecoder) and m.decoder.private_dim == cfg.model.private_latent_dim
