@@ -179,8 +179,13 @@ class MultimodalVAE(PyroModule):
 
     # ---------------------------------------------------------------- experts
     def experts(self, data: Mapping[str, torch.Tensor], available: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack the unimodal experts: ``(mu, logvar)`` of shape ``(B, M, D)``; modalities absent
-        from ``data`` get zeros (they are masked out by ``available``)."""
+        r"""Stack the unimodal experts: ``(mu, logvar)`` of shape ``(B, M, D)``; modalities absent
+        from ``data`` get zeros (they are masked out by ``available``).
+
+        The experts come out in at least float32 (:func:`_latent_dtype`): under autocast the
+        encoders run in bf16/fp16, but their outputs are upcast here, so the fusion (sums of
+        precisions :math:`e^{-\log\sigma_m^2}`), the reparameterised :math:`z = \mu + \sigma\varepsilon`
+        and the KL are computed in float32; the decoders autocast :math:`z` themselves."""
         B, D = available.shape[0], self.latent_dim
         mus, logvars = [], []
         for name in self.names:
@@ -193,8 +198,8 @@ class MultimodalVAE(PyroModule):
                     )
             else:
                 mu = logvar = available.new_zeros((B, D), dtype=_float_dtype(data))
-            mus.append(mu)
-            logvars.append(logvar)
+            mus.append(mu.to(_latent_dtype(mu.dtype)))
+            logvars.append(logvar.to(_latent_dtype(logvar.dtype)))
         return torch.stack(mus, -2), torch.stack(logvars, -2)
 
     def subset_weights(self, available: torch.Tensor | Mapping) -> torch.Tensor:
@@ -238,7 +243,7 @@ class MultimodalVAE(PyroModule):
         weights = self.subset_weights(available)
         with self._subset_context(weights):
             with poutine.scale(scale=self.beta):
-                zero = available.new_zeros((), dtype=_float_dtype(data))
+                zero = available.new_zeros((), dtype=_latent_dtype(_float_dtype(data)))  # z in >= float32, as in the guide
                 z = pyro.sample("z", dist.Normal(zero, 1.0).expand([self.latent_dim]).to_event(1))
             for j, name in enumerate(self.names):
                 if name not in data:
@@ -330,6 +335,14 @@ class MultimodalVAE(PyroModule):
         else:
             raise ValueError(f"unknown prior {prior!r}; known: 'normal', 'score'")
         return self.decode(z, targets, sampler=sampler, steps=steps)
+
+
+def _latent_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype latents are computed in: ``dtype`` promoted to at least float32 (bf16/fp16 -> float32,
+    float64 stays). bf16 keeps 8 significant bits (relative rounding 2^-9); a product of experts in
+    bf16 would round each precision and their sum, and z = mu + sigma * eps would lose the small
+    sigma * eps against a large mu."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _float_dtype(data: Mapping[str, torch.Tensor]) -> torch.dtype:

@@ -411,10 +411,12 @@ class SharedPrivateEncoder(nn.Module):
         return self.shared(x)
 
     def private(self, x):
+        """``(mu_w, logvar_w)`` in at least float32 (upcast from bf16/fp16 under autocast, like the
+        shared experts in ``MultimodalVAE.experts``)."""
         out = self.private_encoder(x)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise ValueError("the private encoder must return (mu_w, logvar_w)")
-        return out[0], out[1]
+        return tuple(v.to(torch.promote_types(v.dtype, torch.float32)) for v in out)
 
 
 class PrivateLatentDecoder(nn.Module):

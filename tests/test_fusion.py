@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_diffmvae.fusion import poe, subset_family, subset_weights
+from pyro_diffmvae.fusion import moe_sample, poe, subset_family, subset_weights
 
 
 def numpy_poe(mu, var, prior=True):
@@ -68,6 +68,28 @@ def test_all_masked_gives_prior_or_error():
         poe(mu, lv, mask, prior_expert=False)
     with pytest.raises(ValueError, match="mu has shape"):
         poe(mu, lv[..., :2])
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_poe_and_moe_sample_fuse_low_precision_experts_in_float32(low):
+    """bf16/fp16 experts (encoder outputs under autocast) are upcast before the arithmetic: the result
+    is float32 and equals the fusion of the same values given as float32, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 3, 5, generator=g).to(low)
+    logvar = (3 * torch.randn(4, 3, 5, generator=g)).to(low)
+    mask = torch.tensor([[True, False, True], [True, True, True], [False, True, False], [False, False, False]])
+    m, lv = poe(mu, logvar, mask)
+    assert m.dtype == lv.dtype == torch.float32
+    m32, lv32 = poe(mu.float(), logvar.float(), mask)
+    assert torch.equal(m, m32) and torch.equal(lv, lv32)
+    # the float32 fusion is the float64 one to float32 round-off
+    m64, lv64 = poe(mu.double(), logvar.double(), mask)
+    assert m64.dtype == lv64.dtype == torch.float64  # float64 stays float64
+    torch.testing.assert_close(m, m64.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lv, lv64.float(), rtol=1e-6, atol=1e-6)
+    mu_k, logvar_k, k = moe_sample(mu[:3], logvar[:3], mask[:3], generator=torch.Generator().manual_seed(1))
+    assert mu_k.dtype == logvar_k.dtype == torch.float32
+    assert torch.equal(mu_k, mu.float()[torch.arange(3), k]) and torch.equal(logvar_k, logvar.float()[torch.arange(3), k])
 
 
 def test_subset_families():

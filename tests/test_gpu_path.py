@@ -137,6 +137,94 @@ def test_bf16_autocast_elbo_is_float32_and_close_to_fp32():
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+# ------------------------------------------------------------------------------------ fp32 latents
+def record_encoder_outputs(vae):
+    """Forward hooks recording each encoder's ``(mu, logvar)`` output, per modality name."""
+    outputs = {}
+    for name, modality in vae.modalities.items():
+        modality.encoder.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out))
+    return outputs
+
+
+def hand_poe(mu, logvar, mask, prior_expert):
+    r"""The Gaussian product by its definition, in float64: precision :math:`\tau = [1] + \sum_m
+    \mathbb 1_m e^{-\log\sigma_m^2}`, mean :math:`\tau^{-1}\sum_m \mathbb 1_m e^{-\log\sigma_m^2}\mu_m`.
+    ``mu, logvar (B, M, D)``, ``mask (B, M)``; returns ``(mean, log-variance)``."""
+    mu, logvar, m = mu.double(), logvar.double(), mask.double()[..., None]
+    precisions = m * torch.exp(-logvar)
+    tau = precisions.sum(-2) + (1.0 if prior_expert else 0.0)
+    return (precisions * mu).sum(-2) / tau, -torch.log(tau)
+
+
+def missing_some_batch():
+    batch = tiny_batch()
+    batch["available"] = {"image": torch.tensor([False, True, True, True, True, True]),
+                          "mask": torch.tensor([True, False, True, True, False, True])}
+    return batch
+
+
+@pytest.mark.parametrize("strategy", ["sample", "enumerate"])
+def test_bf16_autocast_guide_latents_are_float32_and_match_the_fp32_fusion(strategy):
+    """Under bf16 autocast the encoders run in bf16 but the guide fuses their outputs and draws z in
+    float32: q(z|x_A) equals the float32 product of the very bf16 expert outputs to float32 round-off
+    (a bf16 fusion is off by ~1e-3 relative); the diffusion decoder still runs its UNet in bf16."""
+    import pyro
+    from pyro import poutine
+
+    vae = tiny_vae()
+    vae.subset_strategy = strategy
+    batch = missing_some_batch()
+    outputs = record_encoder_outputs(vae)
+    unet_io = []
+    vae.modalities["image"].decoder.eps_net.net.register_forward_hook(  # the UNet (inside the v -> eps wrapper)
+        lambda mod, args, out: unet_io.append((args[1].dtype, out.dtype)))
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guide_trace = poutine.trace(vae.guide).get_trace(batch)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(batch)
+        model_trace.compute_log_prob()
+    assert set(outputs) == set(vae.names)
+    assert all(t.dtype == torch.bfloat16 for out in outputs.values() for t in out)  # the encoders ran in bf16
+    site = guide_trace.nodes["z"]
+    q = site["fn"].base_dist
+    assert q.loc.dtype == q.scale.dtype == site["value"].dtype == torch.float32
+    assert model_trace.nodes["z"]["fn"].base_dist.loc.dtype == torch.float32  # the prior site matches
+    assert unet_io and all(io == (torch.float32, torch.bfloat16) for io in unet_io)  # fp32 z in, bf16 UNet
+    # the reference: the fp32 (here float64) product of the same bf16 expert outputs
+    data, available, B = vae.parse_batch(batch)
+    mu = torch.stack([outputs[n][0].float() for n in vae.names], -2)
+    logvar = torch.stack([outputs[n][1].float() for n in vae.names], -2)
+    masks = vae._subset_masks(available)  # (K, B, M)
+    if strategy == "sample":
+        masks = masks[site["infer"]["subset_index"], torch.arange(B)]
+    ref_mu, ref_logvar = hand_poe(mu, logvar, masks, vae.prior_expert)
+    torch.testing.assert_close(q.loc, ref_mu.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.scale, torch.exp(0.5 * ref_logvar).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_posterior_and_experts_are_float32():
+    vae = tiny_vae()
+    batch = missing_some_batch()
+    outputs = record_encoder_outputs(vae)
+    data, available, _ = vae.parse_batch(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, logvar = vae.experts(data, available)
+        assert mu.dtype == logvar.dtype == torch.float32
+        assert all(t.dtype == torch.bfloat16 for out in outputs.values() for t in out)
+        # the upcast is exact: the experts are the bf16 outputs themselves
+        assert torch.equal(mu[:, 0], outputs["image"][0].float())
+        q = vae.posterior(batch, given=["image", "attributes"])
+        z = q.rsample()
+    assert q.base_dist.loc.dtype == q.base_dist.scale.dtype == z.dtype == torch.float32
+    mask = available & torch.tensor([True, False, True])
+    ref_mu, ref_logvar = hand_poe(torch.stack([outputs[n][0].float() for n in vae.names], -2),
+                                  torch.stack([outputs[n][1].float() for n in vae.names], -2), mask, vae.prior_expert)
+    torch.testing.assert_close(q.base_dist.loc, ref_mu.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.base_dist.scale, torch.exp(0.5 * ref_logvar).float(), rtol=1e-5, atol=1e-6)
+    assert vae.posterior(batch).base_dist.loc.dtype == torch.float32  # and without autocast
+
+
 # ------------------------------------------------------------------------------------ channels-last
 def test_channels_last_gives_the_same_loss_and_gradients(monkeypatch):
     # torch.randn_like fills a channels-last tensor in memory order, so with the same seed a

@@ -245,6 +245,48 @@ def test_posterior_generate_reconstruct_sample():
         vae.sample(2, prior="uniform")
 
 
+class LowPrecisionExpert(nn.Module):
+    """An expert whose outputs are bf16, as an encoder's are under autocast."""
+
+    def __init__(self, expert):
+        super().__init__()
+        self.expert = expert
+
+    def forward(self, x):
+        return tuple(t.to(torch.bfloat16) for t in self.expert(x))
+
+
+def test_latents_are_computed_in_at_least_float32():
+    """bf16 expert outputs are fused and z drawn in float32 (model prior too); float64 models stay float64."""
+    x = sample_data(5)
+    vae = make_vae()
+    for m in vae.modalities.values():
+        m.encoder = LowPrecisionExpert(m.encoder)
+    mu, logvar = vae.experts(x, torch.ones(5, 3, dtype=torch.bool))
+    assert mu.dtype == logvar.dtype == torch.float32
+    guide = poutine.trace(vae.guide).get_trace(x)
+    model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x)
+    assert guide.nodes["z"]["value"].dtype == guide.nodes["z"]["fn"].base_dist.loc.dtype == torch.float32
+    assert model.nodes["z"]["fn"].base_dist.loc.dtype == torch.float32
+    q = vae.posterior(x, given=["a", "c"])
+    assert q.mean.dtype == torch.float32
+    # the fusion of the bf16-rounded experts, computed in float32
+    low = {n: tuple(t.to(torch.bfloat16).float() for t in vae.modalities[n].encoder.expert(x[n])) for n in "ac"}
+    tau = 1 + sum(torch.exp(-low[n][1]) for n in "ac")
+    torch.testing.assert_close(q.mean, sum(torch.exp(-low[n][1]) * low[n][0] for n in "ac") / tau, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.variance, 1 / tau, rtol=1e-6, atol=1e-6)
+
+    vae64 = make_vae().double()
+    x64 = {n: v.double() for n, v in x.items()}
+    guide = poutine.trace(vae64.guide).get_trace(x64)
+    assert guide.nodes["z"]["value"].dtype == torch.float64
+    q = vae64.posterior(x64, given=["b"])
+    mean, var = subset_posterior(x64, "b")
+    assert q.mean.dtype == torch.float64
+    torch.testing.assert_close(q.mean, mean, rtol=1e-6, atol=1e-6)  # W, BIAS are float32 constants
+    torch.testing.assert_close(q.variance, var, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_input_errors():
     vae = make_vae()
     x = sample_data(3)

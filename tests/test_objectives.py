@@ -491,3 +491,17 @@ def test_each_objective_trains_to_coherent_cross_modal_generation(name):
         gen = vae.generate(test, given=[given], targets=[target], use_mean=True)[target]
         acc = (torch.cdist(gen, protos[target]).argmin(-1) == c).float().mean().item()
         assert acc > 0.9, (name, given, target, acc)
+
+
+def test_mmvae_plus_private_latents_are_float32_under_bf16_autocast():
+    """The private experts are upcast like the shared ones: under CPU bf16 autocast the encoder's
+    linear layer outputs bf16, but ``private`` returns float32 equal to the upcast bf16 values."""
+    vae = make_vae(private_dim=DW)
+    x = torch.randn(4, X)
+    enc = vae.modalities["a"].encoder
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = enc.private_encoder(x)
+        mu_w, logvar_w = enc.private(x)
+    assert raw[0].dtype == torch.bfloat16
+    assert mu_w.dtype == logvar_w.dtype == torch.float32
+    torch.testing.assert_close(mu_w, raw[0].float(), rtol=0, atol=0)

@@ -5,8 +5,10 @@ determinism, meta.json, refusal to overwrite), on tiny synthetic files and on th
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from pyro_diffmvae.data.polymnist import (
     PolyMNISTDataset,
     build_polymnist,
     compose_polymnist_images,
+    ensure_polymnist,
     load_mnist,
     read_idx,
 )
@@ -436,6 +439,132 @@ def test_build_bad_arguments(synthetic_sources, tmp_path):
     with pytest.raises(ValueError, match="smaller than 28x28"):
         build(synthetic_sources, tmp_path / "o6", backgrounds=("small.png",))
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))
+
+
+# ------------------------------------------------------------------------------ building once, concurrently
+ENSURE_ARGS = {"backgrounds": BACKGROUND_FILES, "num_train": 20, "num_test": 8, "seed": 2}
+
+
+def ensure_in_child(mnist_root, backgrounds_dir, out_root, log, barrier=None, crash_after=None):
+    """Run in a spawned process: ``ensure_polymnist(**ENSURE_ARGS)``, with ``build_polymnist`` wrapped to
+    append ``start <pid>`` / ``end <pid>`` to ``log`` and to wait 0.5 s before building (so that two
+    processes checking and building without a lock would both build). With ``crash_after``, the process
+    dies (``os._exit(3)``, no clean-up) when composing its ``crash_after + 1``-th chunk of images.
+    Returns ``ensure_polymnist``'s result through the exit code 0 and ``<log>.<pid>.json``."""
+    import pyro_diffmvae.data.polymnist as P
+
+    real_build, real_compose = P.build_polymnist, P.compose_polymnist_images
+    composed = []
+
+    def logged_build(*args, **kwargs):
+        with open(log, "a") as fh:
+            fh.write(f"start {os.getpid()}\n")
+        time.sleep(0.5)
+        meta = real_build(*args, **kwargs)
+        with open(log, "a") as fh:
+            fh.write(f"end {os.getpid()}\n")
+        return meta
+
+    def crashing_compose(*args, **kwargs):
+        composed.append(1)
+        if len(composed) > crash_after:
+            os._exit(3)
+        return real_compose(*args, **kwargs)
+
+    P.build_polymnist = logged_build
+    if crash_after is not None:
+        P.compose_polymnist_images = crashing_compose
+    if barrier is not None:
+        barrier.wait(timeout=120)
+    meta, built = P.ensure_polymnist(mnist_root, backgrounds_dir, out_root, **ENSURE_ARGS)
+    Path(f"{log}.{os.getpid()}.json").write_text(json.dumps({"built": built, "meta": meta}))
+
+
+def run_children(count, sources, out_root, log, **kwargs):
+    """Start ``count`` spawned :func:`ensure_in_child` processes (released together by a barrier when
+    more than one); return ``{pid: (exit code, result or None)}``."""
+    mnist_root, backgrounds_dir, _, _ = sources
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(count) if count > 1 else None
+    procs = [ctx.Process(target=ensure_in_child, args=(str(mnist_root), str(backgrounds_dir), str(out_root), str(log), barrier),
+                         kwargs=kwargs) for _ in range(count)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    out = {}
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        result = Path(f"{log}.{p.pid}.json")
+        out[p.pid] = (p.exitcode, json.loads(result.read_text()) if result.exists() else None)
+    return out
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def staging_folders(out_root: Path) -> list[Path]:
+    return sorted(out_root.parent.glob(f".{out_root.name}.building-*"))
+
+
+def test_concurrent_ensure_builds_once_and_equals_a_single_build(synthetic_sources, tmp_path):
+    out, log = tmp_path / "cache" / "polymnist_seed2_n20", tmp_path / "builds.log"
+    children = run_children(2, synthetic_sources, out, log)
+    assert [code for code, _ in children.values()] == [0, 0], children
+    built = [pid for pid, (_, result) in children.items() if result["built"]]
+    assert len(built) == 1, children  # the other one waited for the lock and found meta.json
+    assert log.read_text().splitlines() == [f"start {built[0]}", f"end {built[0]}"]  # build_polymnist ran once
+    metas = [result["meta"] for _, result in children.values()]
+    assert metas[0] == metas[1] == json.loads((out / "meta.json").read_text())
+    # the same files, byte for byte, as a build by a single process
+    single = tmp_path / "single"
+    build(synthetic_sources, single, seed=2)
+    assert tree_bytes(out) == tree_bytes(single)
+    assert not staging_folders(out) and (tmp_path / "cache" / "polymnist_seed2_n20.lock").is_file()
+    assert sorted(os.listdir(tmp_path / "cache")) == ["polymnist_seed2_n20", "polymnist_seed2_n20.lock"]
+
+
+def test_a_crashed_build_is_not_taken_as_complete(synthetic_sources, tmp_path):
+    mnist_root, backgrounds_dir, _, _ = synthetic_sources
+    out, log = tmp_path / "cache" / "polymnist", tmp_path / "builds.log"
+    # the build dies (holding the lock) after composing 2 of its 6 chunks (3 modalities x 2 splits)
+    ((pid, (code, result)),) = run_children(1, synthetic_sources, out, log, crash_after=2).items()
+    assert code == 3 and result is None
+    assert log.read_text().splitlines() == [f"start {pid}"]
+    (staging,) = staging_folders(out)  # its half-written staging folder is left behind ...
+    assert len(os.listdir(staging / "train" / "m1")) == 20 and not os.listdir(staging / "train" / "m2")
+    assert not out.exists()  # ... and nothing at out_root
+    # the lock died with the process; the next call builds afresh and removes the leftover
+    meta, built = ensure_polymnist(mnist_root, backgrounds_dir, out, timeout=30, **ENSURE_ARGS)
+    assert built and not staging_folders(out)
+    single = tmp_path / "single"
+    build(synthetic_sources, single, seed=2)
+    assert tree_bytes(out) == tree_bytes(single)
+    assert ensure_polymnist(mnist_root, backgrounds_dir, out, timeout=30, **ENSURE_ARGS) == (meta, False)
+
+
+def test_ensure_refuses_partial_layouts_and_builds_with_other_settings(synthetic_sources, tmp_path):
+    mnist_root, backgrounds_dir, _, _ = synthetic_sources
+    partial = tmp_path / "partial"  # e.g. a move of the parts into an existing folder that was interrupted
+    (partial / "train" / "m0").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="no meta.json") as info:
+        ensure_polymnist(mnist_root, backgrounds_dir, partial, **ENSURE_ARGS)
+    assert str(partial / "train") in str(info.value)
+    assert sorted(os.listdir(partial)) == ["train"]
+    out = tmp_path / "built"
+    meta, built = ensure_polymnist(mnist_root, backgrounds_dir, out, **ENSURE_ARGS)
+    assert built and meta["counts"] == {"train": 20, "test": 8}
+    with pytest.raises(ValueError, match=r"seed: 2 there, 3 asked"):
+        ensure_polymnist(mnist_root, backgrounds_dir, out, **{**ENSURE_ARGS, "seed": 3})
+    with pytest.raises(ValueError, match=r"counts: .*'train': 20.* there, .*'train': 40.* asked"):
+        ensure_polymnist(mnist_root, backgrounds_dir, out, **{**ENSURE_ARGS, "num_train": None})  # None: all 40
+    with pytest.raises(ValueError, match="backgrounds"):
+        ensure_polymnist(mnist_root, backgrounds_dir, out, **{**ENSURE_ARGS, "backgrounds": BACKGROUND_FILES[:2]})
+    full = tmp_path / "full"
+    ensure_polymnist(mnist_root, backgrounds_dir, full, **{**ENSURE_ARGS, "num_train": None})
+    assert ensure_polymnist(mnist_root, backgrounds_dir, full, **{**ENSURE_ARGS, "num_train": 40})[1] is False
 
 
 # ------------------------------------------------------------------------------ real data

@@ -29,7 +29,9 @@ modality are a random permutation within each label class, so with all 60,000 / 
 MNIST digit is used exactly once per modality, as in the original generator. All random choices
 come from ``numpy.random.default_rng([seed, split_id, k])`` (train 0, test 1), so a build is
 deterministic from its seed. :func:`build_polymnist` records the MNIST digit and crop position of
-every image in ``mnist_indices.npz`` and its settings in ``meta.json``.
+every image in ``mnist_indices.npz`` and its settings in ``meta.json``. :func:`ensure_polymnist`
+builds a folder only if no complete build is there, and is safe to call from many processes at once
+(DDP ranks): one builds, under a file lock, and the others wait and read its result.
 
 **Backgrounds.** The original 5-modality set used, for ``m0 .. m4``, the photos numbered 00-04
 (flowers, The Scream, Lena, milky way, poppies); the extended 10-modality set uses 00-09. The
@@ -59,7 +61,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, exclusive_lock
 
 __all__ = [
     "DEFAULT_BACKGROUNDS",
@@ -70,6 +72,7 @@ __all__ = [
     "PolyMNISTDataset",
     "build_polymnist",
     "compose_polymnist_images",
+    "ensure_polymnist",
     "load_background",
     "load_mnist",
     "read_idx",
@@ -242,6 +245,15 @@ def _check_count(value, name: str, available: int) -> int:
     return int(value)
 
 
+def _check_backgrounds(backgrounds) -> tuple[str, ...]:
+    if isinstance(backgrounds, (str, os.PathLike)):
+        raise TypeError(f"backgrounds must be a sequence of file names, one per modality, got the single name {backgrounds!r}")
+    backgrounds = tuple(str(name) for name in backgrounds)
+    if not backgrounds:
+        raise ValueError("backgrounds must name at least one background photo (one per modality)")
+    return backgrounds
+
+
 def _existing_layout(out_root: Path) -> list[Path]:
     return [p for p in (out_root / "train", out_root / "test", out_root / META_FILE, out_root / INDICES_FILE) if p.exists()]
 
@@ -278,11 +290,7 @@ def build_polymnist(
     """
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if isinstance(backgrounds, (str, os.PathLike)):
-        raise TypeError(f"backgrounds must be a sequence of file names, one per modality, got the single name {backgrounds!r}")
-    backgrounds = tuple(str(name) for name in backgrounds)
-    if not backgrounds:
-        raise ValueError("backgrounds must name at least one background photo (one per modality)")
+    backgrounds = _check_backgrounds(backgrounds)
     out_root = Path(out_root)
     if out_root.exists() and not out_root.is_dir():
         raise FileExistsError(f"out_root {out_root} exists and is not a folder")
@@ -366,6 +374,80 @@ def build_polymnist(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return meta
+
+
+def ensure_polymnist(
+    mnist_root: str | os.PathLike,
+    backgrounds_dir: str | os.PathLike,
+    out_root: str | os.PathLike,
+    backgrounds: Sequence[str] = DEFAULT_BACKGROUNDS,
+    seed: int = 0,
+    num_train: int | None = None,
+    num_test: int | None = None,
+    timeout: float | None = None,
+) -> tuple[dict, bool]:
+    """:func:`build_polymnist` into ``out_root`` unless a complete build with these settings is there
+    already; safe to call from several processes at once (every DDP rank, parallel jobs).
+
+    Under an exclusive lock on ``<out_root>.lock`` (:func:`~pyro_diffmvae.io.exclusive_lock`): when
+    ``<out_root>/meta.json`` exists the build is complete — :func:`build_polymnist` stages everything
+    in a temporary folder and puts ``meta.json`` in place last — and its settings (seed, backgrounds,
+    counts, recipe version) are checked against the arguments; otherwise the staging folders of
+    crashed builds (``.<name>.building-*`` beside ``out_root``; no build is running, since this one
+    holds the lock) are removed and :func:`build_polymnist` builds. One process builds; the others
+    wait for the lock and then read its ``meta.json``. A build that crashed leaves no ``meta.json``
+    (and the OS frees its lock), so the next call builds again.
+
+    The arguments are those of :func:`build_polymnist`; ``timeout``: seconds to wait for the lock
+    (``None``: as long as the build takes).
+
+    :returns: ``(meta, built)``: the content of ``meta.json`` and whether this call built it.
+    :raises FileExistsError: ``out_root`` holds part of a layout (``train/``, ``test/``, ...) without
+        ``meta.json``: a move into an existing folder that was interrupted, or a layout not written by
+        :func:`build_polymnist` (the published archive is read directly, not built).
+    :raises ValueError: the complete build there has other settings than the arguments.
+    :raises TimeoutError: the lock stayed held for ``timeout`` seconds.
+    """
+    out_root = Path(out_root)
+    with exclusive_lock(f"{out_root}.lock", timeout=timeout):
+        meta_path = out_root / META_FILE
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            _check_build_settings(meta, meta_path, _check_backgrounds(backgrounds), seed, num_train, num_test)
+            return meta, False
+        partial = _existing_layout(out_root)
+        if partial:
+            raise FileExistsError(
+                f"{out_root} holds part of a PolyMNIST layout ({', '.join(str(p) for p in partial)}) but no {META_FILE}, "
+                f"which build_polymnist writes last: an interrupted build, or a layout not written by build_polymnist; "
+                f"delete it to rebuild, or choose another out_root"
+            )
+        for stale in out_root.parent.glob(f".{out_root.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        meta = build_polymnist(mnist_root, backgrounds_dir, out_root, backgrounds=backgrounds, seed=seed,
+                               num_train=num_train, num_test=num_test)
+        return meta, True
+
+
+def _check_build_settings(meta: Mapping, meta_path: Path, backgrounds: tuple[str, ...], seed, num_train, num_test) -> None:
+    """ValueError listing each setting where the build recorded in ``meta_path`` differs from the arguments
+    (a count of ``None`` means every MNIST digit of the split)."""
+    available = meta.get("mnist_source", {}).get("available", {})
+    wanted = {
+        "version": BUILD_VERSION,
+        "seed": seed,
+        "backgrounds": {f"m{k}": name for k, name in enumerate(backgrounds)},
+        "counts": {
+            "train": available.get("train") if num_train is None else num_train,
+            "test": available.get("test") if num_test is None else num_test,
+        },
+    }
+    differ = [f"{key}: {meta.get(key)!r} there, {value!r} asked" for key, value in wanted.items() if meta.get(key) != value]
+    if differ:
+        raise ValueError(
+            f"the PolyMNIST build at {meta_path.parent} has other settings than asked ({'; '.join(differ)}); "
+            f"delete it to rebuild, or choose another out_root"
+        )
 
 
 # ------------------------------------------------------------------------------------- dataset
