@@ -48,7 +48,8 @@ GPU speed settings (``trainer.*``; the CPU defaults leave each off):
 
 * ``precision``: Lightning's, ``32-true`` (default), ``bf16-mixed`` (``trainer=gpu``) or ``16-mixed``:
   autocast; the likelihoods turn the networks' low-precision outputs into float32 before their
-  squared errors and sums, so the ELBO is reduced in float32.
+  squared errors and sums, so the ELBO is reduced in float32; the guide's latents (the experts'
+  means and log-variances, their fusion, the sampled z and the KL) are float32 too.
 * ``channels_last: true`` (``trainer=gpu``): the diffusion decoders' UNets and the image batches in
   ``torch.channels_last`` (NHWC convolutions, the fast cuDNN path under bf16/fp16).
 * ``compile: true``: ``torch.compile`` each diffusion decoder's ε-network during training

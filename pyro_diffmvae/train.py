@@ -191,7 +191,8 @@ class DiffMVAEModule(L.LightningModule):
 
     Mixed precision is Lightning's (``make_trainer(precision="bf16-mixed")``, autocast): the diffusion
     likelihood's squared error and the feed-forward likelihoods are computed in float32 from the
-    networks' bf16/fp16 outputs, so the ELBO's reductions stay in float32.
+    networks' bf16/fp16 outputs, so the ELBO's reductions stay in float32; the experts are upcast
+    before the fusion, so z and the KL are float32 as well (``MultimodalVAE.experts``).
     """
 
     def __init__(
