@@ -356,7 +356,8 @@ def _float_dtype(data: Mapping[str, torch.Tensor]) -> torch.dtype:
 def elbo_terms(vae: MultimodalVAE, batch: Mapping) -> dict[str, torch.Tensor]:
     r"""The parts of the (subset) ELBO estimate for one draw, per example of the batch.
 
-    Returns ``{"loglik/<name>": Σ weighted log p(x^m|z), "kl": KL(q‖p) (without β), "elbo": the
+    Returns ``{"loglik/<name>": Σ weighted log p(x^m|z), "kl": KL(q‖p) (without β; summed over the
+    latent sites when there are several), "elbo": the
     objective that ``TraceMeanField_ELBO`` maximises, i.e. Σ_m loglik − β·KL}``, each divided by
     the batch size. ω weights and availability masks are applied as in the ELBO.
     """
@@ -380,7 +381,7 @@ def elbo_terms(vae: MultimodalVAE, batch: Mapping) -> dict[str, torch.Tensor]:
             q = guide_trace.nodes[name]
             kl = kl_divergence(q["fn"], site["fn"])
             kl = scale_and_mask(kl, q["scale"], q["mask"]).sum()
-            out["kl"] = kl / vae.beta / B
+            out["kl"] = out.get("kl", 0.0) + kl / vae.beta / B  # summed over latent sites (one per modality in two_stage)
             elbo = elbo - kl
     out["elbo"] = elbo / B
     return out

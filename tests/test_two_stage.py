@@ -70,6 +70,19 @@ def test_sbm_stage1_elbo_is_the_sum_of_unimodal_elbos_by_hand():
     torch.testing.assert_close(loss, -hand, **TOL)
 
 
+def test_elbo_terms_sum_the_kl_of_every_latent_site():
+    """elbo_terms on the two-stage program: elbo = Σ loglik − β·kl with kl the sum over the M sites."""
+    from pyro_diffmvae.model import elbo_terms
+
+    vae = make_vae("vae")
+    batch = {n: torch.randn(4, X) for n in NAMES}
+    terms = elbo_terms(vae, batch)
+    kl = sum(td.kl_divergence(td.Normal(mu, torch.exp(0.5 * lv)), td.Normal(0.0, 1.0)).sum()
+             for mu, lv in (vae.modalities[n].encoder(batch[n]) for n in NAMES)) / 4
+    torch.testing.assert_close(terms["kl"], kl, **TOL)
+    torch.testing.assert_close(terms["elbo"], terms["loglik/a"] + terms["loglik/b"] - vae.beta * terms["kl"], **TOL)
+
+
 def test_mld_stage1_elbo_is_the_weighted_reconstruction_log_likelihood():
     """The autoencoders' program: Delta guide + improper flat prior, so the ELBO is exactly
     Σ_m λ_m log p(x_m | e_m(x_m)) (deterministic: no draw), for both stock ELBO estimators."""
