@@ -13,13 +13,18 @@ Build the tables from whatever runs exist::
 Tables (one Markdown and one CSV file each, rows = presets):
 
 * ``table1_cub``: CUB FD/FID of images generated from text and unconditionally (paper Table 1);
+* ``table2_cub_clip``: CUB CLIP score of images generated from text, with the CLIP score of the real
+  test images against their captions as a reference (paper Table 2). It needs runs evaluated with
+  ``evaluation.clip_model=<local CLIP folder>``; a preset evaluated without one has empty ("–") CLIP
+  columns, "none given" in its "CLIP model" column and a note under the Markdown table — no number
+  is made up;
 * ``table3_celebamask_hq``: CelebAMask-HQ F1 of attributes and masks and FD/FID of images for every
   given subset (paper Table 3);
 * ``polymnist_coherence``: conditional coherence by number of given modalities and unconditional
   coherence with N(0, I) and the latent score prior (the MoPoE / MMVAE+ PolyMNIST table).
 
-The paper's Table 2 (CUB CLIP score) needs a CLIP model, which this library does not compute yet.
-Every FD column says in its header whether it is Inception FID or a classifier-feature FD.
+Every FD column says in its header whether it is Inception FID or a classifier-feature FD. CLIP
+scores from different CLIP models are not comparable: the "CLIP model" column names the folder(s).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def collect(out: Path) -> dict[str, list[dict]]:
     return found
 
 
-Column = tuple[str, Callable[[Mapping], float | None]]
+Column = tuple[str, Callable[[Mapping], float | str | None]]
 
 
 def _get(*keys: str) -> Callable[[Mapping], float | None]:
@@ -84,8 +89,15 @@ def _get(*keys: str) -> Callable[[Mapping], float | None]:
     return read
 
 
+def _clip_model(metrics: Mapping) -> str:
+    """The CLIP folder's name a run was evaluated with, or "none given"."""
+    path = metrics.get("clip_model")
+    return Path(str(path)).name if path else "none given"
+
+
 def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
-    """Rows ``[preset, "mean ± std (n)" ...]``; a value missing in every seed is "–"."""
+    """Rows ``[preset, "mean ± std (n)" ...]``; a value missing in every seed is "–"; a text column
+    (its reader returns strings) lists the distinct values over the seeds."""
     rows = []
     for preset, seeds in sorted(runs.items()):
         row = [preset]
@@ -93,9 +105,11 @@ def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> li
             vals = [v for v in (read(m) for m in seeds) if v is not None]
             if not vals:
                 row.append("–")
-                continue
-            mean, std = _mean_std(vals)
-            row.append(f"{mean:.3f} ± {std:.3f} ({len(vals)})")
+            elif all(isinstance(v, str) for v in vals):
+                row.append(" / ".join(sorted(set(vals))))
+            else:
+                mean, std = _mean_std(vals)
+                row.append(f"{mean:.3f} ± {std:.3f} ({len(vals)})")
         rows.append(row)
     return rows
 
@@ -112,6 +126,10 @@ def table_columns(kind: str, runs: Mapping[str, list[dict]]) -> list[Column]:
                 (f"image {fd} unconditional N(0,I)", _get("unconditional", "normal", f"image_{fd}")),
                 (f"image {fd} unconditional score prior", _get("unconditional", "score", f"image_{fd}")),
                 ("image class coherence given text", _get("conditional", "text", "image_coherence"))]
+    if kind == "table2_cub_clip":
+        return [("CLIP score image given text", _get("conditional", "text", "image_clip_score")),
+                ("CLIP score real test images (reference)", _get("reference", "real_images_clip_score")),
+                ("CLIP model", _clip_model)]
     if kind == "table3_celebamask_hq":
         given = sorted({g for seeds in runs.values() for m in seeds for g in m.get("conditional", {})})
         cols: list[Column] = []
@@ -128,7 +146,21 @@ def table_columns(kind: str, runs: Mapping[str, list[dict]]) -> list[Column]:
     raise ValueError(f"unknown table {kind!r}")
 
 
-TABLES = {"table1_cub": "cub", "table3_celebamask_hq": "celebamask_hq", "polymnist_coherence": "polymnist"}
+TABLES = {"table1_cub": "cub", "table2_cub_clip": "cub", "table3_celebamask_hq": "celebamask_hq",
+          "polymnist_coherence": "polymnist"}
+
+
+def table_notes(kind: str, runs: Mapping[str, list[dict]]) -> list[str]:
+    """Lines written under a Markdown table."""
+    if kind == "table2_cub_clip":
+        without = {p: sum(not m.get("clip_model") for m in seeds) for p, seeds in sorted(runs.items())}
+        without = {p: k for p, k in without.items() if k}
+        if without:
+            which = ", ".join(f"{p} ({k} of {len(runs[p])})" for p, k in without.items())
+            return [f"No CLIP model was given (evaluation.clip_model=null) in some runs, so they have no CLIP score: "
+                    f"{which}. A preset without any scored run shows \"–\"; the number in brackets counts the scored runs. "
+                    "Runs with the override evaluation.clip_model=<local CLIP folder> fill these columns."]
+    return []
 
 
 def write_tables(out: Path, results: Path) -> list[Path]:
@@ -144,10 +176,11 @@ def write_tables(out: Path, results: Path) -> list[Path]:
         rows = build_table(selected, columns)
         header = ["preset"] + [name for name, _ in columns]
         md = results / f"{kind}.md"
+        notes = table_notes(kind, selected)
         md.write_text("\n".join([
             f"# {kind} (mean ± std over seeds, number of seeds in brackets)", "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]))
+            *("| " + " | ".join(r) + " |" for r in rows), "", *(line for note in notes for line in (note, ""))]))
         with open(results / f"{kind}.csv", "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
         written += [md, results / f"{kind}.csv"]

@@ -2,10 +2,27 @@
 
 Kept apart from :mod:`pyro_diffmvae.cli` so that notebooks and tests can build exactly what the
 command-line apps build: ``build_model(cfg)`` with ``cfg = compose(...)`` gives the same network.
+
+CUB captions have two kinds of text networks, ``model.text_nets``:
+
+* ``tokens`` (default): :class:`~pyro_diffmvae.nets.text.TokenSequenceEncoder` / ``Decoder`` on the
+  word-level ids of the vocabulary built from the training captions (trained from scratch);
+* ``optimus``: the paper's Optimus-style text VAE, a BERT encoder and a GPT-2 decoder with ``z``
+  injected (``model.optimus.injection``: ``memory`` | ``embedding`` | ``both``), loaded from the local
+  folders ``model.optimus.bert_path`` / ``gpt2_path`` (model + tokenizer, written by
+  ``save_pretrained``; nothing is downloaded). The data sets are then wrapped in
+  :class:`~pyro_diffmvae.data.cub.OptimusCaptions`, which re-tokenises every caption with both
+  tokenisers into the packed layout of :class:`~pyro_diffmvae.nets.text.OptimusCaptionCodec`.
+
+The CUB vocabulary and the Optimus tokenisers are read once per process, memoised by their folder
+paths as given (a process that rewrites the captions under the same root must call
+``cub_vocabulary.cache_clear()``).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Mapping
 
 import torch
@@ -15,14 +32,24 @@ from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
 from .model import MultimodalVAE
 from .nets.decoders import ConvDecoder, MLPDecoder, TokenDecoder
 from .nets.encoders import ConvEncoder, MLPEncoder, TokenEncoder
-from .nets.text import TokenSequenceDecoder, TokenSequenceEncoder
+from .nets.text import (
+    BertTextEncoder,
+    GPT2TextDecoder,
+    OptimusCaptionCodec,
+    OptimusCaptionDecoder,
+    OptimusCaptionEncoder,
+    TokenSequenceDecoder,
+    TokenSequenceEncoder,
+)
 from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior
 from .sde import VPSDE
 
-__all__ = ["DATASETS", "build_datasets", "build_model", "build_latent_prior", "modality_specs"]
+__all__ = ["DATASETS", "TEXT_NETS", "build_datasets", "build_model", "build_latent_prior", "cub_vocabulary",
+           "modality_specs", "optimus_codec"]
 
 DATASETS = ("shapes", "polymnist", "celebamask_hq", "cub")
+TEXT_NETS = ("tokens", "optimus")
 
 
 def _check_dataset(cfg: DictConfig) -> str:
@@ -54,12 +81,15 @@ def build_datasets(cfg: DictConfig):
                       cache_dir=d.cache_dir)
         return tuple(CelebAMaskHQDataset(d.root, split, size=size, **common)
                      for split, size in (("train", d.train_size), ("val", d.val_size), ("test", d.test_size)))
-    from .data.cub import CUBImageCaptionDataset
+    from .data.cub import CUBImageCaptionDataset, OptimusCaptions
 
-    train = CUBImageCaptionDataset(d.root, "train", image_size=d.image_size, caption_length=d.caption_length,
-                                   cache_dir=d.cache_dir)
-    test = CUBImageCaptionDataset(d.root, "test", image_size=d.image_size, caption_length=d.caption_length,
-                                  vocab=train.vocab, cache_dir=d.cache_dir)
+    common = dict(image_size=d.image_size, caption_length=d.caption_length, vocab=cub_vocabulary(d.root),
+                  cache_dir=d.cache_dir)
+    train = CUBImageCaptionDataset(d.root, "train", **common)
+    test = CUBImageCaptionDataset(d.root, "test", **common)
+    if _text_nets(cfg) == "optimus":
+        codec = optimus_codec(cfg)
+        train, test = OptimusCaptions(train, codec), OptimusCaptions(test, codec)
     return train, test, test  # CUB has no official validation split: validation monitors the test split
 
 
@@ -73,16 +103,21 @@ def _polymnist_datasets(d: DictConfig):
 
     from torch.utils.data import Subset
 
-    from .data.polymnist import LAYOUT, PolyMNISTDataset, build_polymnist
+    from .data.polymnist import LAYOUT, PolyMNISTDataset, ensure_polymnist
 
     root = Path(d.root)
-    if not (root / "train").is_dir():
-        if d.build is None or not d.build.enabled:
-            raise FileNotFoundError(f"PolyMNIST root {root} has no train/ folder (expected layout {LAYOUT}); "
-                                    "set dataset.build.enabled=true to build it from MNIST and background photos")
+    published = (root / "train").is_dir() and not (root / "meta.json").is_file()  # read as is, never rebuilt
+    building = d.build is not None and d.build.enabled
+    if not published and building:
+        # under a file lock: one DDP rank (or parallel job) builds, the others wait and reuse the build
         b = d.build
-        print(f"building PolyMNIST in {root} from {b.mnist_root} and {b.backgrounds_dir} (seed {b.seed})")
-        build_polymnist(b.mnist_root, b.backgrounds_dir, root, seed=b.seed, num_train=b.num_train, num_test=b.num_test)
+        _, built = ensure_polymnist(b.mnist_root, b.backgrounds_dir, root, seed=b.seed, num_train=b.num_train,
+                                    num_test=b.num_test)
+        if built:
+            print(f"built PolyMNIST in {root} from {b.mnist_root} and {b.backgrounds_dir} (seed {b.seed})")
+    elif not (root / "train").is_dir():
+        raise FileNotFoundError(f"PolyMNIST root {root} has no train/ folder (expected layout {LAYOUT}); "
+                                "set dataset.build.enabled=true to build it from MNIST and background photos")
     full = PolyMNISTDataset(root, "train", modalities=tuple(d.modalities), cache_dir=d.cache_dir)
     n_val = int(d.val_size)
     if not 0 < n_val < len(full):
@@ -99,6 +134,7 @@ def _polymnist_datasets(d: DictConfig):
 def modality_specs(cfg: DictConfig) -> dict[str, dict]:
     """Per modality of the data set: its event shape and feed-forward likelihood kind."""
     name = _check_dataset(cfg)
+    text_nets = _text_nets(cfg)
     d = cfg.dataset
     if name == "shapes":
         from .data import shapes
@@ -124,21 +160,62 @@ def modality_specs(cfg: DictConfig) -> dict[str, dict]:
             "attributes": dict(shape=(len(d.attributes),), likelihood="bernoulli"),
         }
     else:  # cub
-        specs = {
-            "image": dict(shape=(3, d.image_size, d.image_size), likelihood="normal"),
-            "text": dict(shape=(d.caption_length,), likelihood="categorical", num_classes=_cub_vocab_size(d)),
-        }
+        specs = {"image": dict(shape=(3, d.image_size, d.image_size), likelihood="normal")}
+        if text_nets == "optimus":  # packed BERT + GPT-2 ids (OptimusCaptionCodec)
+            specs["text"] = dict(shape=(4 * d.caption_length,), likelihood="optimus")
+        else:
+            specs["text"] = dict(shape=(d.caption_length,), likelihood="categorical", num_classes=len(cub_vocabulary(d.root)))
     unknown = [m for m in d.modalities if m not in specs]
     if unknown:
         raise ValueError(f"unknown modalities {unknown} for dataset {name!r}; known: {sorted(specs)}")
     return {m: specs[m] for m in d.modalities}
 
 
-def _cub_vocab_size(d: DictConfig) -> int:
-    """Size of the vocabulary built from the CUB training captions (deterministic from the data)."""
+@functools.lru_cache(maxsize=None)
+def cub_vocabulary(root: str | None):
+    """The :class:`~pyro_diffmvae.data.cub.Vocabulary` of the CUB training captions under ``root``
+    (deterministic from the data), read once per process: memoised by ``root`` as given."""
     from .data.cub import CUBImageCaptionDataset
 
-    return len(CUBImageCaptionDataset(d.root, "train", image_size=8, caption_length=d.caption_length, size=1).vocab)
+    return CUBImageCaptionDataset(root, "train", image_size=8, size=1).vocab
+
+
+def _text_nets(cfg: DictConfig) -> str:
+    """``model.text_nets`` (``tokens`` when the model config has no such key), checked."""
+    nets = cfg.model.get("text_nets", None) or "tokens"
+    if nets not in TEXT_NETS:
+        raise ValueError(f"unknown model.text_nets {nets!r}; known: {list(TEXT_NETS)}")
+    if nets == "optimus" and cfg.dataset.name != "cub":
+        raise ValueError(f"model.text_nets=optimus is for the CUB captions (dataset=cub), not dataset={cfg.dataset.name}")
+    return nets
+
+
+def _optimus_settings(cfg: DictConfig) -> tuple[str, str, str]:
+    """``(bert_path, gpt2_path, injection)`` of ``model.optimus``; a missing folder is named."""
+    o = cfg.model.get("optimus", None) or {}
+    paths = []
+    for key, what in (("bert_path", "a BERT model (the caption encoder)"), ("gpt2_path", "a GPT-2 model (the caption decoder)")):
+        path = o.get(key, None)
+        if path is None:
+            raise ValueError(f"model.text_nets=optimus needs model.optimus.{key}: a local directory holding {what} and "
+                             f"its tokenizer, written by save_pretrained; nothing is downloaded")
+        if not os.path.isdir(os.path.expanduser(os.fspath(path))):
+            raise FileNotFoundError(f"model.optimus.{key}: the local directory {os.fspath(path)!r} does not exist "
+                                    f"(expected {what} and its tokenizer, written by save_pretrained)")
+        paths.append(os.path.expanduser(os.fspath(path)))
+    return paths[0], paths[1], o.get("injection", None) or "both"
+
+
+def optimus_codec(cfg: DictConfig) -> OptimusCaptionCodec:
+    """The BERT + GPT-2 tokenisers of ``model.optimus`` as a codec of captions of ``dataset.caption_length``
+    tokens, read once per process (memoised by the folders)."""
+    bert, gpt2, _ = _optimus_settings(cfg)
+    return _optimus_codec(bert, gpt2, int(cfg.dataset.caption_length))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimus_codec(bert: str, gpt2: str, length: int) -> OptimusCaptionCodec:
+    return OptimusCaptionCodec.from_folders(bert, gpt2, length=length)
 
 
 def _encoder(name: str, spec: dict, cfg: DictConfig):
@@ -146,6 +223,9 @@ def _encoder(name: str, spec: dict, cfg: DictConfig):
     shape = spec["shape"]
     if len(shape) == 3:
         return ConvEncoder(shape[0], shape[1], D, width=width)
+    if spec["likelihood"] == "optimus":
+        bert, _, _ = _optimus_settings(cfg)  # from_pretrained returns eval mode; train like every other net
+        return OptimusCaptionEncoder(BertTextEncoder.from_pretrained(bert, D).train(), optimus_codec(cfg))
     if spec["likelihood"] == "categorical":
         if cfg.dataset.name == "cub":  # captions: padding-aware convolutional sequence encoder
             return TokenSequenceEncoder(spec["num_classes"], shape[0], D, embed_dim=width * 2, hidden=width * 4)
@@ -176,6 +256,9 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
     if len(shape) == 3:
         return FeedForwardDecoder(ConvDecoder(D, shape[0], shape[1], width=m.decoder_width), shape, spec["likelihood"],
                                   scale=0.1, learn_scale=spec["likelihood"] != "bernoulli")
+    if spec["likelihood"] == "optimus":
+        _, gpt2, injection = _optimus_settings(cfg)
+        return OptimusCaptionDecoder(GPT2TextDecoder.from_pretrained(gpt2, D, injection=injection).train(), optimus_codec(cfg))
     if spec["likelihood"] == "categorical":
         if cfg.dataset.name == "cub":
             net = TokenSequenceDecoder(D, shape[0], spec["num_classes"], hidden=m.decoder_width * 4)

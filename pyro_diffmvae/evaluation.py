@@ -254,6 +254,10 @@ def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") ->
         if metrics.get("fd_name") and metrics["fd_name"] != "FID":
             lines += [f"{metrics['fd_name']} is a Fréchet distance in the label classifier's feature space, not Inception FID "
                       f"(biased upwards at {metrics['num_examples']} images: compare only at equal sizes).", ""]
+    ref = metrics.get("reference", {})
+    if "real_images_clip_score" in ref:
+        lines += [f"CLIP score (100·max(cos, 0), CLIP from {metrics.get('clip_model')}): real test images against their "
+                  f"captions {ref['real_images_clip_score']:.2f} (the reference for image_clip_score above).", ""]
     for key, val in metrics.items():
         if key.endswith("_bound_bpd"):
             lines += [f"{key[:-10]} decoder: likelihood bound {val['mean']:.3f} ± {val['se']:.3f} bits/dim "

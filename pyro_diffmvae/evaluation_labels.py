@@ -29,6 +29,16 @@ whose read-back modalities all agree on every label — and FD per image modalit
 classification: a linear probe from the posterior mean of each single modality (and of all) to
 the labels, trained on training examples and scored on the test examples.
 
+**CLIP score** (CUB, when ``evaluation.clip_model`` names a local CLIP folder; paper Table 2):
+``100 * max(cos(E_image, E_caption), 0)`` averaged over the test examples
+(:class:`~pyro_diffmvae.metrics.clip_score.CLIPScore`), where the caption is the exact line of the
+caption file each test example was tokenised from (``caption_text``; not the lossy decoding of its
+word-level ids, which lower-cases and turns unseen words into ``<unk>``). It is reported for the
+images generated from every given subset holding ``text`` (``conditional[<given>]["image_clip_score"]``,
+given ``text`` alone in Table 2) and, as a reference, for the real test images against their own
+captions (``reference["real_images_clip_score"]``); ``clip_model`` records the folder (``None``: no
+CLIP score was computed).
+
 With a few hundred evaluation images an FD is biased upwards (its bias falls like 1/N); compare
 FDs only at the same ``num_examples``.
 """
@@ -87,7 +97,10 @@ def label_spec(cfg, names: Sequence[str], train_set) -> LabelSpec:
                          image_modalities=[m for m in names if m == "image"], direct_readers=readers,
                          binary_modalities=[m for m in names if m in ("attributes", "mask")])
     if name == "cub":
-        classes = sorted({int(train_set[i]["meta"]["class_id"]) for i in range(len(train_set))})
+        class_ids = getattr(train_set, "class_ids", None)  # the CUB data set knows them without decoding images
+        if class_ids is None:
+            class_ids = [train_set[i]["meta"]["class_id"] for i in range(len(train_set))]
+        classes = sorted({int(c) for c in class_ids})
         index = {c: j for j, c in enumerate(classes)}
 
         def labels_of(b):
@@ -190,6 +203,17 @@ def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: 
     fd_name = next(iter(fids.values())).metric_name if fids else None
     metrics: dict = {"num_examples": n, "sampler": ev.sampler, "sampler_steps": ev.sampler_steps, "conditional": {},
                      "classifier": classifier_info, "fd_name": fd_name}
+    clip, captions = None, None
+    if cfg.dataset.name == "cub":  # CLIP score of images against captions (module docstring)
+        clip_model = ev.get("clip_model", None)
+        if clip_model is not None and "image" in names:
+            from .metrics.clip_score import CLIPScore
+
+            clip = CLIPScore(clip_model, device=next(vae.parameters()).device, batch_size=int(ev.batch_size))
+            captions = [test_set.caption_text(int(i), int(j))
+                        for i, j in zip(truth["meta"]["image_id"], truth["meta"]["caption_index"])]
+            metrics["reference"] = {"real_images_clip_score": clip(truth["image"], captions)}
+        metrics["clip_model"] = None if clip is None else str(clip_model)
 
     conditional_images = {}
     max_per_size = ev.get("max_subsets_per_size", None)
@@ -212,6 +236,8 @@ def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: 
                 row[f"{t}_f1"] = sample_f1(x > 0.5, truth[t] > 0.5)
             if t in fids:
                 row[f"{t}_{fd_name}"] = _fd(fids[t], truth[t], x)
+            if clip is not None and t == "image" and "text" in given:
+                row["image_clip_score"] = clip(x, captions)
         if coherences:
             row["coherence"] = sum(coherences) / len(coherences)
         metrics["conditional"]["+".join(given)] = row

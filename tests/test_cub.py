@@ -480,3 +480,263 @@ def test_missing_transformers_raises_import_error_with_install_hint(monkeypatch)
         text.require_transformers()
     with pytest.raises(ImportError, match="pip install transformers"):
         text.GPT2TextDecoder.from_pretrained("/nowhere", latent_dim=4)
+
+
+# ------------------------------------------------ Optimus text VAE wired through the configs
+BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "this", "the", "bird", "is", "has", "with", "red",
+              "green", "yellow", "white", "small", "zebra", "pattern", "stripe", "number", "never", "read", ".", ",",
+              "!"] + [str(k) for k in range(10)]
+
+
+def _tiny_optimus_folders(root: Path) -> tuple[Path, Path]:
+    """A tiny random BERT with a word-piece tokenizer of the fake captions' words, and a tiny random
+    GPT-2 with a byte-level BPE tokenizer (ASCII characters, " bird" merged), saved to two folders."""
+    transformers = pytest.importorskip("transformers")
+    bert_tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(BERT_WORDS)})
+    gpt_vocab = {"<|endoftext|>": 0, "Ġ": 1}
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!'":
+        gpt_vocab[c] = len(gpt_vocab)
+    merges = [("Ġ", "b"), ("Ġb", "i"), ("Ġbi", "r"), ("Ġbir", "d")]
+    for a, b in merges:
+        gpt_vocab[a + b] = len(gpt_vocab)
+    gpt_tok = transformers.GPT2Tokenizer(vocab=gpt_vocab, merges=merges)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(BERT_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(gpt_vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
+    bert_dir, gpt2_dir = root / "tiny_bert", root / "tiny_gpt2"
+    bert.save_pretrained(bert_dir)
+    bert_tok.save_pretrained(bert_dir)
+    gpt2.save_pretrained(gpt2_dir)
+    gpt_tok.save_pretrained(gpt2_dir)
+    return bert_dir, gpt2_dir
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        return compose("config", overrides=list(overrides))
+
+
+def _cub_cfg(fake_root: Path, tmp_path: Path, *overrides: str, length: int = 16):
+    return _compose("experiment=tiny", "dataset=cub", f"dataset.root={fake_root}", "dataset.image_size=16",
+                    f"dataset.caption_length={length}", f"dataset.cache_dir={tmp_path}/cache", *overrides)
+
+
+def _optimus_cfg(fake_root: Path, tmp_path: Path, *overrides: str):
+    """CUB with the tiny Optimus nets; captions of 40 GPT-2 tokens (the tiny tokenizer's are mostly characters)."""
+    bert_dir, gpt2_dir = _tiny_optimus_folders(tmp_path)
+    return _cub_cfg(fake_root, tmp_path, "model.text_nets=optimus", f"model.optimus.bert_path={bert_dir}",
+                    f"model.optimus.gpt2_path={gpt2_dir}", *overrides, length=40)
+
+
+def test_optimus_codec_layout_round_trip_and_generated_ids(tmp_path):
+    from pyro_diffmvae.nets.text import OptimusCaptionCodec, load_optimus_tokenizers
+
+    bert_dir, gpt2_dir = _tiny_optimus_folders(tmp_path)
+    bert_tok, gpt_tok = load_optimus_tokenizers(bert_dir, gpt2_dir)
+    codec = OptimusCaptionCodec(bert_tok, gpt_tok, length=8)
+    assert (codec.bos_id, codec.eos_id, codec.pad_id) == (0, 0, 0)  # GPT-2: <|endoftext|> for all three
+    x = codec.encode(["A red bird.", "never"])
+    assert x.shape == (2, 32) and x.dtype == torch.int64
+    e, m_e, d, m_d = codec.unpack(x)
+    w = {t: i for i, t in enumerate(BERT_WORDS)}
+    assert e.tolist() == [[2, w["a"], w["red"], w["bird"], w["."], 3, 0, 0], [2, w["never"], 3, 0, 0, 0, 0, 0]]
+    assert m_e.tolist() == [[1] * 6 + [0] * 2, [1] * 3 + [0] * 5]
+    # GPT-2 part: <bos> A Ġ r e d Ġbird . <eos> would be 9 > 8 tokens: truncated to 6 + bos + eos
+    g = gpt_tok.get_vocab()
+    assert d[0].tolist() == [0, g["A"], g["Ġ"], g["r"], g["e"], g["d"], g["Ġbird"], 0]
+    assert m_d.tolist() == [[1] * 8, [1] * 7 + [0]]
+    assert codec.decode(x) == ["A red bird", "never"]  # lossless apart from the truncation
+    # generated ids: the mask runs up to and including the first <eos> after <bos>; padding after it
+    generated = torch.tensor([[0, g["r"], g["e"], g["d"], 0, g["e"]], [0, g["r"], g["e"], g["d"], g["e"], g["d"]]])
+    packed = codec.pack_generated(generated)
+    e, m_e, d, m_d = codec.unpack(packed)
+    assert d.tolist() == [[0, g["r"], g["e"], g["d"], 0, g["e"], 0, 0], [0, g["r"], g["e"], g["d"], g["e"], g["d"], 0, 0]]
+    assert m_d.tolist() == [[1] * 5 + [0] * 3, [1] * 6 + [0] * 2]
+    assert codec.decode(packed) == ["red", "reded"]
+    assert e[0].tolist() == [2, w["red"], 3, 0, 0, 0, 0, 0] and m_e[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="4 \\* 8 = 32 ids"):
+        codec.unpack(torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="'text'.*GPT-2 token ids must lie in"):
+        bad = x.clone()
+        bad[0, 16] = 10_000
+        codec.check("text", bad)
+
+
+def test_optimus_data_adapter_retokenises_the_exact_caption(fake_root, tmp_path):
+    from pyro_diffmvae.builders import build_datasets, optimus_codec
+    from pyro_diffmvae.data.cub import OptimusCaptions
+
+    cfg = _optimus_cfg(fake_root, tmp_path)
+    train, val, test = build_datasets(cfg)
+    assert isinstance(train, OptimusCaptions) and val is test
+    codec = optimus_codec(cfg)
+    assert codec is optimus_codec(cfg)  # memoised: the tokenisers are read once
+    for data in (train, test):
+        for i in range(len(data)):
+            item = data[i]
+            meta = item["meta"]
+            raw = FAKE_CAPTIONS[meta["image_id"]][meta["caption_index"]]
+            assert item["text"].shape == (4 * 40,) and torch.equal(item["text"], codec.encode([raw])[0])
+            assert data.decode(item["text"][None]) == [raw]  # case, punctuation and "zebra" kept
+            assert torch.equal(item["image"], data.base[i]["image"])
+    assert test[0]["meta"]["caption_index"] == 0  # the test split's fixed first caption
+    assert train.image_ids == [1, 3] and train.class_ids == [1, 2]  # read from the base data set
+    assert train.caption_text(3, 6) == "the yellow bird is small 6!"
+    with pytest.raises(KeyError, match="image 2 is not in this train split"):
+        train.caption_text(2, 0)
+    with pytest.raises(IndexError, match="image 3 has 7 captions, not a caption 7"):
+        train.caption_text(3, 7)
+    assert default_collate([train[0], train[1]])["text"].shape == (2, 160)
+
+
+def test_build_model_with_tiny_optimus_text_vae(fake_root, tmp_path):
+    from pyro_diffmvae.builders import build_datasets, build_model
+    from pyro_diffmvae.model import elbo_terms
+    from pyro_diffmvae.nets.text import OptimusCaptionDecoder, OptimusCaptionEncoder
+
+    cfg = _optimus_cfg(fake_root, tmp_path)
+    train, _, _ = build_datasets(cfg)
+    vae = build_model(cfg)
+    assert all(m.training for m in vae.modules())  # from_pretrained's eval mode is undone: dropout while training
+    vae.eval()
+    text = vae.modalities["text"]
+    assert isinstance(text.encoder, OptimusCaptionEncoder) and isinstance(text.decoder, OptimusCaptionDecoder)
+    assert text.decoder.net.injection == "both" and tuple(text.event_shape) == (160,)
+    batch = default_collate([train[0], train[1]])
+
+    terms = elbo_terms(vae, batch)
+    assert all(bool(torch.isfinite(v.detach())) for v in terms.values()) and float(terms["loglik/text"].detach()) < 0
+    vae.zero_grad()
+    (-terms["elbo"]).backward()
+    grads = [p.grad for p in text.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+    # the text decoder's log-prob against a hand computation: the chain rule, one prefix at a time
+    # (no padding, no mask), log p(d | z) = sum_{t=1}^{n-1} log softmax(logits of d_{<t})[d_t]
+    D = cfg.model.latent_dim
+    z = torch.randn(2, D, generator=torch.Generator().manual_seed(0))
+    x = batch["text"]
+    _, _, d, m_d = text.decoder.codec.unpack(x)
+    gpt2 = text.decoder.net
+    with torch.no_grad():
+        log_prob = text.decoder(z).log_prob(x)
+        by_hand = []
+        for b in range(2):
+            n = int(m_d[b].sum())
+            total = 0.0
+            for t in range(1, n):
+                logits = gpt2(z[b:b + 1], d[b:b + 1, :t])[0, -1]
+                total += float(logits.log_softmax(-1)[d[b, t]])
+            by_hand.append(total)
+    torch.testing.assert_close(log_prob, torch.tensor(by_hand), atol=1e-4, rtol=1e-5)
+    assert log_prob.shape == (2,)
+    # several latents per example (the enumerated-subset strategy): batch shape (3, 2), broadcast x
+    z3 = torch.randn(3, 2, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lp3 = text.decoder(z3).log_prob(x)
+        assert lp3.shape == (3, 2)
+        torch.testing.assert_close(lp3[1], text.decoder(z3[1]).log_prob(x))
+        # a zero placeholder (a missing caption) scores 0 and encodes to finite values
+        assert float(text.decoder(z).log_prob(torch.zeros_like(x)).abs().max()) == 0.0
+        assert all(bool(torch.isfinite(v).all()) for v in text.encode(torch.zeros_like(x)))
+
+    # image -> caption: packed captions the model accepts back, and their text
+    gen = vae.generate(batch, given=["image"], targets=["text"])["text"]
+    assert gen.shape == (2, 160)
+    text.check_data(gen)
+    assert all(isinstance(s, str) for s in train.decode(gen))
+
+
+def test_optimus_config_errors_name_the_setting(fake_root, tmp_path):
+    from pyro_diffmvae.builders import build_model, modality_specs
+
+    with pytest.raises(ValueError, match="model.optimus.bert_path: a local directory holding a BERT model"):
+        build_model(_cub_cfg(fake_root, tmp_path, "model.text_nets=optimus"))
+    missing = tmp_path / "no_such_gpt2"
+    cfg = _optimus_cfg(fake_root, tmp_path, f"model.optimus.gpt2_path={missing}")
+    with pytest.raises(FileNotFoundError, match="model.optimus.gpt2_path.*no_such_gpt2.*does not exist"):
+        build_model(cfg)
+    with pytest.raises(ValueError, match="unknown model.text_nets 'bert'"):
+        modality_specs(_cub_cfg(fake_root, tmp_path, "model.text_nets=bert"))
+    with pytest.raises(ValueError, match="text_nets=optimus is for the CUB captions"):
+        modality_specs(_compose("dataset.modalities=[image,text]", "model.text_nets=optimus"))
+
+
+def test_cub_vocabulary_is_read_once_per_process(fake_root, tmp_path, monkeypatch):
+    from pyro_diffmvae import builders
+    from pyro_diffmvae.builders import build_datasets, build_model, modality_specs
+    from pyro_diffmvae.data import cub
+
+    calls = []
+    build = cub.Vocabulary.build.__func__
+    monkeypatch.setattr(cub.Vocabulary, "build", classmethod(lambda cls, *a, **k: calls.append(1) or build(cls, *a, **k)))
+    builders.cub_vocabulary.cache_clear()
+    cfg = _cub_cfg(fake_root, tmp_path)
+    specs = modality_specs(cfg)
+    vae = build_model(cfg)
+    train, _, test = build_datasets(cfg)
+    assert len(calls) == 1
+    assert specs["text"]["num_classes"] == len(train.vocab) == vae.modalities["text"].decoder.num_classes
+    assert train.vocab is test.vocab is builders.cub_vocabulary(cfg.dataset.root)
+    # the same vocabulary as a data set that builds its own from the training captions
+    assert train.vocab == CUBImageCaptionDataset(fake_root, "train", image_size=16).vocab
+
+
+def test_evaluation_reports_clip_scores_with_the_raw_captions(fake_root, tmp_path):
+    from test_clip_score import make_tiny_clip
+
+    from pyro_diffmvae.builders import build_datasets, build_model
+    from pyro_diffmvae.evaluation_labels import evaluate_with_labels
+    from pyro_diffmvae.metrics.clip_score import CLIPScore
+
+    clip_dir = make_tiny_clip(tmp_path / "clip", aligned=True)  # every cosine > 0: no score is clipped to 0
+    common = ("evaluation.num_examples=2", f"evaluation.classifier_cache={tmp_path}/classifiers",
+              "evaluation.probe_train_size=2")
+    cfg = _cub_cfg(fake_root, tmp_path, *common, f"evaluation.clip_model={clip_dir}")
+    train, _, test = build_datasets(cfg)
+    torch.manual_seed(0)
+    vae = build_model(cfg)
+    metrics = evaluate_with_labels(vae, test, train, cfg, tmp_path, figures=False)
+    assert metrics["clip_model"] == str(clip_dir)
+    # the reference row: the real test images against the lines of their caption files (image 2 and 4,
+    # caption 0), not the decoded word ids ("zebra" is not in the training vocabulary: "<unk>")
+    images = torch.stack([test[0]["image"], test[1]["image"]])
+    raw = [FAKE_CAPTIONS[2][0], FAKE_CAPTIONS[4][0]]
+    clip = CLIPScore(clip_dir)
+    assert metrics["reference"]["real_images_clip_score"] == pytest.approx(clip(images, raw), abs=1e-4)
+    decoded = test.decode(torch.stack([test[0]["text"], test[1]["text"]]))
+    assert "<unk>" in decoded[0] and clip(images, decoded) != pytest.approx(clip(images, raw), abs=1e-4)
+    assert 0.0 < metrics["conditional"]["text"]["image_clip_score"] < 100.0
+    assert "image_clip_score" not in metrics["conditional"]["image"]  # the caption is generated there, not given
+
+    plain = evaluate_with_labels(vae, test, train, _cub_cfg(fake_root, tmp_path, *common), tmp_path, figures=False)
+    assert plain["clip_model"] is None and "reference" not in plain
+    assert "image_clip_score" not in plain["conditional"]["text"]
+    bad = _cub_cfg(fake_root, tmp_path, *common, f"evaluation.clip_model={tmp_path}/no_clip_here")
+    with pytest.raises(FileNotFoundError, match="no_clip_here"):
+        evaluate_with_labels(vae, test, train, bad, tmp_path, figures=False)
+
+
+def test_evaluation_with_optimus_text_nets(fake_root, tmp_path):
+    from test_clip_score import make_tiny_clip
+
+    from pyro_diffmvae.builders import build_datasets, build_model
+    from pyro_diffmvae.evaluation_labels import evaluate_with_labels
+    from pyro_diffmvae.metrics.clip_score import CLIPScore
+
+    clip_dir = make_tiny_clip(tmp_path / "clip", aligned=True)
+    cfg = _optimus_cfg(fake_root, tmp_path, "evaluation.num_examples=2", f"evaluation.classifier_cache={tmp_path}/cls",
+                       "evaluation.probe_train_size=2", f"evaluation.clip_model={clip_dir}")
+    train, _, test = build_datasets(cfg)
+    metrics = evaluate_with_labels(build_model(cfg), test, train, cfg, tmp_path, figures=True)
+    images = torch.stack([test[0]["image"], test[1]["image"]])
+    expected = CLIPScore(clip_dir)(images, [FAKE_CAPTIONS[2][0], FAKE_CAPTIONS[4][0]])
+    assert metrics["reference"]["real_images_clip_score"] == pytest.approx(expected, abs=1e-4)
+    assert 0.0 < metrics["conditional"]["text"]["image_clip_score"] < 100.0
+    assert set(metrics["latent_linear_accuracy"]) == {"image", "text", "all"}
+    assert (tmp_path / "figures" / "conditional.png").is_file()

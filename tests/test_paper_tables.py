@@ -39,9 +39,43 @@ def test_celebamask_table_columns_follow_the_given_subsets(tmp_path):
     header = [line for line in md.splitlines() if line.startswith("| preset")][0]
     assert header == "| preset | image FD_classifier given attributes | attributes F1 given image |"
     assert "| 12.500 ± 0.000 (1) | 0.800 ± 0.000 (1) |" in md
-    assert not (tmp_path / "results" / "table1_cub.md").exists()  # no CUB runs, no CUB table
+    assert not (tmp_path / "results" / "table1_cub.md").exists()  # no CUB runs, no CUB tables
+    assert not (tmp_path / "results" / "table2_cub_clip.md").exists()
 
 
 def test_unknown_table_is_named():
     with pytest.raises(ValueError, match="unknown table 'table9'"):
         paper_tables.table_columns("table9", {})
+
+
+def test_cub_clip_table_means_and_says_when_no_clip_model_was_given(tmp_path):
+    out = tmp_path / "runs"
+    for seed, (generated, real) in enumerate([(20.0, 30.0), (24.0, 30.0)]):
+        _write(out, "cub_diffmvae_star_cpu", seed, {"clip_model": "/models/clip-vit-base-patch32",
+                                                    "conditional": {"text": {"image_clip_score": generated}},
+                                                    "reference": {"real_images_clip_score": real}})
+    _write(out, "cub_mopoe_cpu", 0, {"clip_model": None, "fd_name": "FD_classifier",
+                                     "conditional": {"text": {"image_FD_classifier": 50.0}}})
+    written = paper_tables.write_tables(out, tmp_path / "results")
+    assert tmp_path / "results" / "table2_cub_clip.csv" in written
+    md = (tmp_path / "results" / "table2_cub_clip.md").read_text()
+    header = [line for line in md.splitlines() if line.startswith("| preset")][0]
+    assert header == "| preset | CLIP score image given text | CLIP score real test images (reference) | CLIP model |"
+    # mean 22, sample std sqrt((2^2 + 2^2) / 1) = 2.828
+    assert "| cub_diffmvae_star_cpu | 22.000 ± 2.828 (2) | 30.000 ± 0.000 (2) | clip-vit-base-patch32 |" in md
+    # no CLIP model: empty columns and a note, never a number
+    assert "| cub_mopoe_cpu | – | – | none given |" in md
+    assert "No CLIP model was given (evaluation.clip_model=null)" in md and "cub_mopoe_cpu (1 of 1)" in md
+    assert "cub_diffmvae_star_cpu (" not in md.split("No CLIP model")[1]
+    rows = (tmp_path / "results" / "table2_cub_clip.csv").read_text().splitlines()
+    assert rows[2] == "cub_mopoe_cpu,–,–,none given"
+    # Table 1 still comes from the same runs
+    assert "| cub_mopoe_cpu | 50.000 ± 0.000 (1) |" in (tmp_path / "results" / "table1_cub.md").read_text()
+
+
+def test_clip_table_without_any_clip_run_has_only_empty_cells(tmp_path):
+    out = tmp_path / "runs"
+    _write(out, "cub_mopoe_cpu", 0, {"conditional": {"text": {"image_coherence": 0.1}}})  # a run from before CLIP
+    paper_tables.write_tables(out, tmp_path / "results")
+    md = (tmp_path / "results" / "table2_cub_clip.md").read_text()
+    assert "| cub_mopoe_cpu | – | – | none given |" in md and "No CLIP model was given" in md

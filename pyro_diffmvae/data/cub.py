@@ -48,6 +48,11 @@ only; ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3, then the words
 count (ties alphabetical). A test split reuses the training vocabulary: pass ``vocab=`` (the
 training set's :attr:`~CUBImageCaptionDataset.vocab`); when it is omitted the vocabulary is built
 from the training captions of the same root, never from the test captions.
+
+**Optimus text VAE** (BERT encoder + GPT-2 decoder, :mod:`pyro_diffmvae.nets.text`): the word-level
+ids mean nothing to those models, so :class:`OptimusCaptions` wraps a split and replaces ``"text"``
+by the example's caption line (:meth:`CUBImageCaptionDataset.caption_text`, case and punctuation
+kept) tokenised by both tokenisers (:class:`~pyro_diffmvae.nets.text.OptimusCaptionCodec`).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "UNK",
     "CUBImageCaptionDataset",
+    "OptimusCaptions",
     "Vocabulary",
     "crop_box",
     "load_image",
@@ -438,6 +444,7 @@ class CUBImageCaptionDataset(Dataset):
                 raise ValueError(f"CUB data: images {missing_boxes[:5]} have no box in {os.fspath(meta / 'bounding_boxes.txt')!r}; "
                                  f"use crop='center'")
         self.image_ids: list[int] = ids
+        self._position = {i: k for k, i in enumerate(ids)}
         self.class_ids: list[int] = [int(labels[i][0]) for i in ids]
         self.image_paths: list[Path] = [image_dir / paths[i] for i in ids]
         self.text_paths: list[Path] = [self._text_path(paths[i]) for i in ids]
@@ -558,9 +565,61 @@ class CUBImageCaptionDataset(Dataset):
         """Token ids ``(L,)`` / ``(N, L)`` → caption string(s), with this data set's vocabulary."""
         return self.vocab.decode(tokens)
 
+    def caption_text(self, image_id: int, caption_index: int) -> str:
+        """The caption file's line ``caption_index`` of image ``image_id`` as read (stripped, case kept):
+        the exact text that an example's ``meta`` (``image_id``, ``caption_index``) was tokenised from."""
+        k = self._position.get(int(image_id))
+        if k is None:
+            raise KeyError(f"image {image_id} is not in this {self.split} split")
+        lines = self.captions[k]
+        if not 0 <= int(caption_index) < len(lines):
+            raise IndexError(f"image {image_id} has {len(lines)} captions, not a caption {caption_index}")
+        return lines[int(caption_index)]
+
     def __repr__(self) -> str:
         return (
             f"CUBImageCaptionDataset(split={self.split!r}, images={len(self.image_ids)}, skipped={self.num_skipped}, "
             f"image_size={self.image_size}, caption_length={self.caption_length}, crop={self.crop!r}, "
             f"caption_mode={self.caption_mode!r}, vocab={len(self.vocab)})"
         )
+
+
+# ------------------------------------------------------------------------ Optimus adapter
+class OptimusCaptions(Dataset):
+    """A CUB split whose ``"text"`` is the caption re-tokenised for an Optimus text VAE (BERT + GPT-2).
+
+    The word-level ids of :class:`Vocabulary` mean nothing to BERT or GPT-2, so each example's
+    caption — the exact line its ``meta`` names (:meth:`CUBImageCaptionDataset.caption_text`), case
+    and punctuation kept — is tokenised again by ``codec.encode`` (a
+    :class:`~pyro_diffmvae.nets.text.OptimusCaptionCodec`: BERT word pieces for the encoder,
+    ``<bos> GPT-2 tokens <eos>`` for the decoder, packed into one int64 vector ``(4 L,)``).
+    ``"image"`` and ``"meta"`` are the base data set's; every other attribute (``image_ids``,
+    ``class_ids``, ``captions``, ``vocab``, ``caption_text`` ...) is read from ``base``.
+
+    :param base: the CUB split.
+    :param codec: has ``encode(list of str) -> (N, 4 L)`` and ``decode((N, 4 L)) -> list of str``.
+    """
+
+    def __init__(self, base: CUBImageCaptionDataset, codec):
+        self.base, self.codec = base, codec
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.base[index]
+        meta = item["meta"]
+        item["text"] = self.codec.encode([self.base.caption_text(meta["image_id"], meta["caption_index"])])[0]
+        return item
+
+    def decode(self, tokens) -> list[str]:
+        """Packed ``(N, 4 L)`` captions → strings (from their GPT-2 tokens)."""
+        return self.codec.decode(tokens)
+
+    def __getattr__(self, name: str):
+        if name in ("base", "codec") or name.startswith("__"):  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __repr__(self) -> str:
+        return f"OptimusCaptions({self.base!r}, caption length {self.codec.length})"

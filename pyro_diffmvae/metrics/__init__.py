@@ -1,8 +1,9 @@
-"""Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence, bits per dimension.
+"""Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence, bits per dimension, CLIP score.
 
 Not imported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
 """
 
+from .clip_score import CLIPScore, clip_scores
 from .coherence import (
     FactorClassifier,
     agreement,
@@ -33,4 +34,6 @@ __all__ = [
     "diffusion_nll",
     "diffusion_bpd",
     "BitsPerDim",
+    "CLIPScore",
+    "clip_scores",
 ]

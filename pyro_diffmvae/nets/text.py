@@ -46,6 +46,15 @@ gives (``local_files_only=True``; no download) and ``save_pretrained(dir)`` that
 BERT and GPT-2 have different tokenisers: an Optimus text VAE tokenises each caption twice, BERT
 word pieces for the encoder and GPT-2 byte-pair tokens for the decoder
 (:func:`encode_captions_for_optimus`, :func:`load_optimus_tokenizers`).
+
+**(c) The Optimus text VAE as a modality** of :class:`~pyro_diffmvae.model.MultimodalVAE`
+(``model.text_nets=optimus`` in :mod:`pyro_diffmvae.builders`): a caption is one int64 vector
+``(4 L,)`` packing both tokenisations and their masks (:class:`OptimusCaptionCodec`; the data sets
+are wrapped in :class:`~pyro_diffmvae.data.cub.OptimusCaptions`, which produces it);
+:class:`OptimusCaptionEncoder` runs :class:`BertTextEncoder` on the BERT part and
+:class:`OptimusCaptionDecoder` gives :class:`OptimusCaptionLikelihood`, whose ``log_prob`` is
+:meth:`GPT2TextDecoder.log_prob` of the GPT-2 part (a Pyro distribution with batch shape
+``z.shape[:-1]``).
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro.distributions import TorchDistribution, constraints
 from torch import nn
 from torch.nn import functional as F
 
@@ -63,6 +73,10 @@ __all__ = [
     "LATENT_HEAD_FILE",
     "BertTextEncoder",
     "GPT2TextDecoder",
+    "OptimusCaptionCodec",
+    "OptimusCaptionDecoder",
+    "OptimusCaptionEncoder",
+    "OptimusCaptionLikelihood",
     "TokenSequenceDecoder",
     "TokenSequenceEncoder",
     "encode_captions_for_optimus",
@@ -440,3 +454,195 @@ def encode_captions_for_optimus(captions: Sequence[str], bert_tokenizer, gpt2_to
         "decoder_input_ids": ids,
         "decoder_attention_mask": mask,
     }
+
+
+# ============================================================ Optimus text VAE as a modality
+class OptimusCaptionCodec:
+    r"""Captions ↔ the packed int64 layout of an Optimus text modality (one vector per caption).
+
+    A caption is stored as ``(4 L,)`` = ``[e | m_e | d | m_d]``, each of length ``L = length``:
+    ``e`` BERT's ``[CLS] ... [SEP]`` ids and ``m_e`` its attention mask; ``d`` =
+    ``<bos> GPT-2 tokens <eos>`` and ``m_d`` its mask, padded with ``pad_id``
+    (:func:`encode_captions_for_optimus`). One vector per caption keeps a batch a plain tensor
+    ``(B, 4 L)``, as the multimodal model expects of every modality.
+
+    :param bert_tokenizer, gpt2_tokenizer: ``transformers`` tokenisers (:func:`load_optimus_tokenizers`).
+    :param length: ``L``.
+    """
+
+    def __init__(self, bert_tokenizer, gpt2_tokenizer, length: int = 32):
+        if isinstance(length, bool) or not isinstance(length, int) or length < 3:
+            raise ValueError(f"length must be an integer >= 3 (bos, one token, eos), got {length!r}")
+        self.bert_tokenizer, self.gpt2_tokenizer, self.length = bert_tokenizer, gpt2_tokenizer, length
+        # the defaults of encode_captions_for_optimus: GPT-2's <|endoftext|> for all three in the original
+        self.bos_id, self.eos_id = gpt2_tokenizer.bos_token_id, gpt2_tokenizer.eos_token_id
+        self.pad_id = gpt2_tokenizer.pad_token_id if gpt2_tokenizer.pad_token_id is not None else self.eos_id
+        if self.bos_id is None or self.eos_id is None:
+            raise ValueError("the GPT-2 tokenizer has no bos/eos token (GPT-2's is <|endoftext|>): set its bos_token "
+                             "and eos_token and save it again")
+        self.bert_vocab_size, self.gpt2_vocab_size = len(bert_tokenizer), len(gpt2_tokenizer)
+
+    @classmethod
+    def from_folders(cls, bert_dir: str | os.PathLike, gpt2_dir: str | os.PathLike, length: int = 32) -> OptimusCaptionCodec:
+        """The tokenisers saved in the BERT and GPT-2 folders (local only, nothing is downloaded)."""
+        return cls(*load_optimus_tokenizers(bert_dir, gpt2_dir), length=length)
+
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        """Strings → packed int64 ``(N, 4 L)``."""
+        out = encode_captions_for_optimus(captions, self.bert_tokenizer, self.gpt2_tokenizer, max_length=self.length,
+                                          bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
+        return torch.cat([out["encoder_input_ids"], out["encoder_attention_mask"], out["decoder_input_ids"],
+                          out["decoder_attention_mask"]], dim=-1)
+
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(..., 4 L)`` → ``(e, m_e, d, m_d)``, each ``(..., L)``."""
+        if x.shape[-1] != 4 * self.length:
+            raise ValueError(f"packed Optimus captions have 4 * {self.length} = {4 * self.length} ids per caption, "
+                             f"got shape {tuple(x.shape)}")
+        return tuple(x.unflatten(-1, (4, self.length)).unbind(-2))
+
+    def decode(self, x: torch.Tensor) -> list[str]:
+        """Packed ``(N, 4 L)`` → the strings of their GPT-2 tokens (between ``<bos>`` and the first ``<eos>``)."""
+        _, _, ids, mask = self.unpack(torch.as_tensor(x).reshape(-1, 4 * self.length))
+        return self._gpt2_text(ids, mask)
+
+    def _gpt2_text(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        out = []
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            tokens = [t for t, keep in zip(row[1:], m[1:]) if keep]
+            if self.eos_id in tokens:
+                tokens = tokens[: tokens.index(self.eos_id)]
+            out.append(self.gpt2_tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        return out
+
+    def pack_generated(self, ids: torch.Tensor) -> torch.Tensor:
+        """GPT-2 ids ``(N, n)`` from :meth:`GPT2TextDecoder.generate` (``<bos>`` first, ``n <= L``) → packed
+        ``(N, 4 L)``: the decoder part keeps the generated ids, padded, with mask 1 up to and including
+        the first ``<eos>`` after ``<bos>``; the encoder part is the BERT tokenisation of their text."""
+        N, n = ids.shape
+        if n > self.length:
+            raise ValueError(f"generated captions have {n} tokens, more than the length {self.length}")
+        d = torch.full((N, self.length), self.pad_id, dtype=torch.long, device=ids.device)
+        d[:, :n] = ids
+        is_eos = torch.zeros_like(d, dtype=torch.bool)
+        is_eos[:, 1:n] = ids[:, 1:] == self.eos_id
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first eos
+        m_d = ((torch.arange(self.length, device=ids.device) < n) & ~after_eos).long()
+        e_part = self.encode(self._gpt2_text(d, m_d))[:, : 2 * self.length].to(ids.device)
+        return torch.cat([e_part, d, m_d], dim=-1)
+
+    def check(self, name: str, x: torch.Tensor) -> None:
+        """Raise a ValueError naming modality ``name`` unless ``x`` is packed captions of this codec."""
+        if x.is_floating_point() or x.dtype == torch.bool:
+            raise ValueError(f"modality {name!r}: Optimus captions must be integer ids, got {x.dtype}")
+        e, m_e, d, m_d = self.unpack(x)
+        for what, ids, size in (("BERT", e, self.bert_vocab_size), ("GPT-2", d, self.gpt2_vocab_size)):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+                raise ValueError(f"modality {name!r}: {what} token ids must lie in [0, {size}), got "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+        if bool(((m_e != 0) & (m_e != 1)).any() or ((m_d != 0) & (m_d != 1)).any()):
+            raise ValueError(f"modality {name!r}: the attention masks of packed Optimus captions must be 0/1")
+
+
+def _attend_first(mask: torch.Tensor) -> torch.Tensor:
+    """The mask with position 0 (``[CLS]`` / ``<bos>``, always real in data) set to 1: the model's zero
+    placeholder rows for missing captions then attend to one token instead of none (no NaN)."""
+    mask = mask.clone()
+    mask[..., 0] = 1
+    return mask
+
+
+class OptimusCaptionEncoder(nn.Module):
+    """The expert of an Optimus text modality: packed captions ``(B, 4 L)`` → :class:`BertTextEncoder` on ``(e, m_e)``."""
+
+    def __init__(self, encoder: BertTextEncoder, codec: OptimusCaptionCodec):
+        super().__init__()
+        config = encoder.bert.config
+        if codec.bert_vocab_size > config.vocab_size:
+            raise ValueError(f"the BERT tokenizer has {codec.bert_vocab_size} tokens, more than the BERT model's "
+                             f"vocab_size {config.vocab_size}: the tokenizer and the model are from different folders?")
+        if codec.length > config.max_position_embeddings:
+            raise ValueError(f"captions of {codec.length} tokens exceed BERT's max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+        self.net, self.codec = encoder, codec
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, m_e, _, _ = self.codec.unpack(x)
+        return self.net(e.long(), _attend_first(m_e).long())
+
+
+class OptimusCaptionLikelihood(TorchDistribution):
+    r"""``p(x | z)`` of packed captions under a :class:`GPT2TextDecoder`; only the GPT-2 part is scored:
+
+    .. math:: \log p(x\mid z) = \sum_{t=1}^{L-1} m_{d,t}\,\log \mathrm{softmax}(\mathrm{logits}_{t-1}(z, d_{<t}))[d_t],
+
+    (``<bos>`` conditioned on, never scored; the BERT part is a function of the same caption, so it
+    carries no further information).
+    Batch shape ``z.shape[:-1]``, event shape ``(4 L,)``; ``log_prob`` broadcasts ``x`` against it.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, decoder: GPT2TextDecoder, codec: OptimusCaptionCodec, z: torch.Tensor, validate_args=None):
+        self.decoder, self.codec, self.z = decoder, codec, z
+        super().__init__(z.shape[:-1], torch.Size([4 * codec.length]), validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.nonnegative_integer, 1)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return OptimusCaptionLikelihood(self.decoder, self.codec, self.z.expand(batch_shape + self.z.shape[-1:]))
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(self.batch_shape, x.shape[:-1])
+        z = self.z.expand(shape + self.z.shape[-1:]).reshape(-1, self.z.shape[-1])
+        _, _, d, m_d = self.codec.unpack(x.expand(shape + x.shape[-1:]).reshape(-1, x.shape[-1]))
+        # position 0 is never scored (GPT2TextDecoder.log_prob uses mask[:, 1:]), so attending to it changes nothing
+        return self.decoder.log_prob(z, d.long(), _attend_first(m_d).long()).reshape(shape)
+
+    @torch.no_grad()
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = torch.Size(sample_shape) + self.batch_shape
+        z = self.z.expand(shape + self.z.shape[-1:]).reshape(-1, self.z.shape[-1])
+        ids = self.decoder.generate(z, max_length=self.codec.length, bos_id=self.codec.bos_id, eos_id=self.codec.eos_id,
+                                    pad_id=self.codec.pad_id, do_sample=True)
+        return self.codec.pack_generated(ids).reshape(shape + self.event_shape)
+
+
+class OptimusCaptionDecoder(nn.Module):
+    """The decoder of an Optimus text modality: ``z -> OptimusCaptionLikelihood`` over packed captions.
+
+    Duck-types :class:`~pyro_diffmvae.modality.FeedForwardDecoder` (``event_shape``, ``check_data``,
+    ``generate``, ``is_diffusion = False``); ``generate`` decodes greedily (``mean=True``) or samples,
+    and returns packed captions (:meth:`OptimusCaptionCodec.pack_generated`).
+    """
+
+    is_diffusion = False
+
+    def __init__(self, decoder: GPT2TextDecoder, codec: OptimusCaptionCodec):
+        super().__init__()
+        config = decoder.gpt2.config
+        if codec.gpt2_vocab_size > config.vocab_size:
+            raise ValueError(f"the GPT-2 tokenizer has {codec.gpt2_vocab_size} tokens, more than the GPT-2 model's "
+                             f"vocab_size {config.vocab_size}: the tokenizer and the model are from different folders?")
+        positions = codec.length + (1 if decoder.use_memory else 0)  # the memory slot takes position 0
+        if positions > config.n_positions:
+            raise ValueError(f"captions of {codec.length} tokens (+1 memory slot) exceed GPT-2's n_positions {config.n_positions}")
+        self.net, self.codec = decoder, codec
+        self.event_shape = torch.Size([4 * codec.length])
+
+    def forward(self, z: torch.Tensor) -> OptimusCaptionLikelihood:
+        return OptimusCaptionLikelihood(self.net, self.codec, z)
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, mean: bool = True, **_) -> torch.Tensor:
+        """Packed captions ``(B, 4 L)`` decoded from ``z`` (greedy when ``mean``, else sampled)."""
+        ids = self.net.generate(z, max_length=self.codec.length, bos_id=self.codec.bos_id, eos_id=self.codec.eos_id,
+                                pad_id=self.codec.pad_id, do_sample=not mean)
+        return self.codec.pack_generated(ids)
+
+    def check_data(self, name: str, x: torch.Tensor) -> None:
+        self.codec.check(name, x)
