@@ -6,6 +6,12 @@ reused, never overwritten)::
     python experiments/paper_tables.py run --presets polymnist_mopoe_cpu polymnist_diffmvae_star_cpu \\
         --seeds 0 1 --out experiments/runs [-- extra hydra overrides]
 
+Train the whole model zoo on one data set with one shared budget and build its table
+(``zoo_<dataset>``: coherence by number of given modalities, unconditional coherence, FD; the
+published PolyMNIST coherences beside ours)::
+
+    python experiments/paper_tables.py zoo --dataset polymnist --seeds 0 --max-steps 600 --out experiments/runs
+
 Build the tables from whatever runs exist::
 
     python experiments/paper_tables.py tables --out experiments/runs --results experiments/results
@@ -187,6 +193,79 @@ def write_tables(out: Path, results: Path) -> list[Path]:
     return written
 
 
+#: the zoo of ``zoo``: every model with a ``<dataset>_<model>_cpu`` preset, in the paper's order
+ZOO_MODELS = ("mvae", "mmvae", "mopoe", "mopoe_star", "mvtcae", "mmvae_plus", "sbm_vae_c", "mld", "diffmvae_star")
+
+#: published PolyMNIST conditional coherence for 1/2/3/4 given modalities (as quoted in the MoPoE,
+#: MVTCAE and MMVAE+ papers; their budgets, backgrounds and classifiers, not ours)
+PUBLISHED_POLYMNIST = {
+    "mopoe": "0.66 / 0.77 / 0.81 / 0.83 (Sutter et al. 2021)",
+    "mvtcae": "0.69 / 0.77 / 0.83 / 0.86 (Hwang et al. 2021)",
+    "mmvae": "0.71 (Palumbo et al. 2023)",
+    "mmvae_plus": "≈ 0.86–0.87 (Palumbo et al. 2023)",
+}
+
+
+def zoo_presets(dataset: str, models: Sequence[str]) -> list[str]:
+    """``<dataset>_<model>_cpu`` for each model; a model without that preset is a clear error."""
+    configs = Path(__file__).resolve().parents[1] / "pyro_diffmvae" / "configs" / "experiment"
+    presets = [f"{dataset}_{m}_cpu" for m in models]
+    missing = [p for p in presets if not (configs / f"{p}.yaml").is_file()]
+    if missing:
+        raise SystemExit(f"no experiment preset {missing} in {configs}; the zoo runs models with a "
+                         f"{dataset}_<model>_cpu preset")
+    return presets
+
+
+def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str]) -> list[Path]:
+    """``zoo_<dataset>.md/.csv``: one row per model (zoo order) with the budget it had, coherence by
+    number of given modalities, unconditional coherence with N(0, I) and the latent score prior
+    (stage 2 for the two-stage models), and, for PolyMNIST, the published coherences."""
+    runs = collect(out)
+    fd = _fd_name(runs)
+    columns: list[Column] = [
+        ("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds")),
+        *[(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)],
+        ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
+        ("unconditional score prior", _get("unconditional", "score", "agreement")),
+        (f"mean {fd} given all but one", lambda m: _mean_fd_all_but_one(m, fd)),
+    ]
+    rows = []
+    for model in models:
+        preset = f"{dataset}_{model}_cpu"
+        if preset not in runs:
+            continue
+        row = build_table({preset: runs[preset]}, columns)[0]
+        row[0] = model
+        if dataset == "polymnist":
+            row.append(PUBLISHED_POLYMNIST.get(model, "–"))
+        rows.append(row)
+    if not rows:
+        return []
+    header = ["model"] + [name for name, _ in columns] + (["published coherence 1/2/3/4 given"] if dataset == "polymnist" else [])
+    results.mkdir(parents=True, exist_ok=True)
+    md, csv_path = results / f"zoo_{dataset}.md", results / f"zoo_{dataset}.csv"
+    md.write_text("\n".join([
+        f"# zoo_{dataset}: every model with one budget (mean ± std over seeds, number of seeds in brackets)", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), "",
+        f"Runs under {out}. The published numbers come from other budgets, backgrounds and classifiers: compare "
+        "them for order of magnitude only.", ""]))
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return [md, csv_path]
+
+
+def _mean_fd_all_but_one(metrics: Mapping, fd: str) -> float | None:
+    """Mean FD of the one missing modality over the given subsets of size M − 1 that were evaluated."""
+    cond = metrics.get("conditional", {})
+    if not cond:
+        return None
+    M = max(len(g.split("+")) for g in cond) + 1
+    vals = [v for g, row in cond.items() if len(g.split("+")) == M - 1
+            for k, v in row.items() if k.endswith(f"_{fd}")]
+    return sum(vals) / len(vals) if vals else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,13 +275,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--out", type=Path, default=Path("experiments/runs"))
     run.add_argument("--results", type=Path, default=Path("experiments/results"))
     run.add_argument("overrides", nargs="*", help="extra hydra overrides (after --)")
+    zoo = sub.add_parser("zoo", help="train every model of the zoo on one data set with one budget and seeds, "
+                                     "then build its table (zoo_<dataset>) and the paper tables")
+    zoo.add_argument("--dataset", default="polymnist")
+    zoo.add_argument("--models", nargs="+", default=list(ZOO_MODELS))
+    zoo.add_argument("--seeds", nargs="+", type=int, default=[0])
+    zoo.add_argument("--max-steps", type=int, default=None, help="the shared budget (default: the presets' own)")
+    zoo.add_argument("--out", type=Path, default=Path("experiments/runs"))
+    zoo.add_argument("--results", type=Path, default=Path("experiments/results"))
+    zoo.add_argument("overrides", nargs="*", help="extra hydra overrides (after --)")
     tables = sub.add_parser("tables", help="build the tables from existing runs")
     tables.add_argument("--out", type=Path, default=Path("experiments/runs"))
     tables.add_argument("--results", type=Path, default=Path("experiments/results"))
     args = parser.parse_args(argv)
+    written = []
     if args.command == "run":
         run_presets(args.presets, args.seeds, args.out, args.overrides)
-    for path in write_tables(args.out, args.results):
+    if args.command == "zoo":
+        if args.max_steps is not None and args.max_steps < 1:
+            raise SystemExit(f"--max-steps must be positive, got {args.max_steps}")
+        budget = [] if args.max_steps is None else [f"trainer.max_steps={args.max_steps}"]
+        run_presets(zoo_presets(args.dataset, args.models), args.seeds, args.out, budget + list(args.overrides))
+        written += write_zoo_table(args.out, args.results, args.dataset, args.models)
+    for path in written + write_tables(args.out, args.results):
         print(f"[paper_tables] wrote {path}")
 
 
