@@ -56,6 +56,7 @@ def run_presets(presets: Sequence[str], seeds: Sequence[int], out: Path, overrid
             run_dir = out / preset / f"seed{seed}"
             runs.append(run_dir)
             if (run_dir / "metrics.json").exists():
+                _check_same_overrides(run_dir, overrides)
                 print(f"[paper_tables] {run_dir} is finished; reusing it")
                 continue
             cmd = [sys.executable, "-c", _TRAIN, f"experiment={preset}", f"seed={seed}",
@@ -63,6 +64,19 @@ def run_presets(presets: Sequence[str], seeds: Sequence[int], out: Path, overrid
             print("[paper_tables] " + " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
     return runs
+
+
+def _check_same_overrides(run_dir: Path, overrides: Sequence[str]) -> None:
+    """A finished run is reused only if it ran with the same extra overrides (e.g. the same budget)
+    as asked for now; its ``.hydra/overrides.yaml`` says what it ran with."""
+    stored = run_dir / ".hydra" / "overrides.yaml"
+    if not stored.is_file():
+        return
+    ran = {line[2:].strip() for line in stored.read_text().splitlines() if line.startswith("- ")}
+    differ = sorted(set(overrides) ^ (ran - {o for o in ran if o.split("=")[0] in ("experiment", "seed", "trainer.progress_bar", "hydra.run.dir")}))
+    if differ:
+        raise SystemExit(f"{run_dir} is finished but ran with other overrides (they differ in {differ}); "
+                         "remove it or choose another --out")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -102,3 +102,14 @@ def test_zoo_table_rows_follow_the_zoo_order_with_budget_fd_and_published_number
     with pytest.raises(SystemExit, match="no experiment preset"):
         paper_tables.zoo_presets("polymnist", ["mopoe", "no_such_model"])
     assert paper_tables.zoo_presets("polymnist", paper_tables.ZOO_MODELS)[-1] == "polymnist_diffmvae_star_cpu"
+
+
+def test_a_finished_run_with_another_budget_is_not_reused(tmp_path):
+    run = tmp_path / "runs" / "polymnist_mld_cpu" / "seed0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=polymnist_mld_cpu\n- seed=0\n- trainer.progress_bar=false\n- trainer.max_steps=600\n")
+    assert paper_tables.run_presets(["polymnist_mld_cpu"], [0], tmp_path / "runs", ["trainer.max_steps=600"]) == [run]
+    with pytest.raises(SystemExit, match=r"other overrides .*trainer.max_steps=1000"):
+        paper_tables.run_presets(["polymnist_mld_cpu"], [0], tmp_path / "runs", ["trainer.max_steps=1000"])
