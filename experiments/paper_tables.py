@@ -237,13 +237,18 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
     (stage 2 for the two-stage models), and, for PolyMNIST, the published coherences."""
     runs = collect(out)
     fd = _fd_name(runs)
-    columns: list[Column] = [
-        ("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds")),
-        *[(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)],
-        ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
-        ("unconditional score prior", _get("unconditional", "score", "agreement")),
-        (f"mean {fd} given all but one", lambda m: _mean_fd_all_but_one(m, fd)),
-    ]
+    columns: list[Column] = [("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
+    if dataset == "shapes":  # per-factor accuracy read back by the classifier: chance 1/3 (mean of 1/|factor|)
+        columns += [("image factor acc given attributes", _get("conditional", "attributes", "image_factor_acc")),
+                    ("image factor acc given mask", _get("conditional", "mask", "image_factor_acc")),
+                    ("attributes F1 given image", _get("conditional", "image", "attributes_f1")),
+                    ("mask F1 given attributes", _get("conditional", "attributes", "mask_f1"))]
+    else:
+        columns += [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
+    columns += [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
+                ("unconditional score prior", _get("unconditional", "score", "agreement"))]
+    if dataset != "shapes":
+        columns.append((f"mean {fd} given all but one", lambda m: _mean_fd_all_but_one(m, fd)))
     rows = []
     for model in models:
         preset = f"{dataset}_{model}_cpu"
