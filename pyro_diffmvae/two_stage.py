@@ -244,6 +244,8 @@ class JointLatentDiffusion(LatentScorePrior):
         if u_obs.dim() != 2 or u_obs.shape[1] != self.latent_dim:
             raise ValueError(f"u_obs must have shape (batch, {self.latent_dim}), got {tuple(u_obs.shape)}")
         observed = self._block_mask(observed, u_obs.shape[0])
+        if observed.all():  # nothing to complete
+            return u_obs.clone()
         x_obs = torch.where(self._expand(observed), self.normalise(u_obs), torch.zeros_like(u_obs))
         x = _samplers.sample(self.conditioned_eps(x_obs, observed), tuple(u_obs.shape), self.sde,
                              method=sampler or self.sampler, steps=steps or self.sampler_steps,
