@@ -328,8 +328,8 @@ def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping) -> li
 def build_latent_prior(cfg: DictConfig) -> LatentScorePrior:
     """The auxiliary latent score prior of ``cfg.latent_prior``; for the two-stage baselines
     (``cfg.model.two_stage``) their stage-2 :class:`~pyro_diffmvae.two_stage.JointLatentDiffusion`
-    on the concatenated latents, with ``cfg.latent_prior``'s network size and
-    ``cfg.model.two_stage``'s mode, ``p_joint`` and conditional sampler."""
+    on the concatenated latents, with ``cfg.model.two_stage``'s mode, ``p_joint``, conditional sampler
+    and width (``prior_hidden``; null: ``cfg.latent_prior.hidden``)."""
     p = cfg.latent_prior
     D = cfg.model.latent_dim
     two = cfg.model.get("two_stage", None)
@@ -338,7 +338,8 @@ def build_latent_prior(cfg: DictConfig) -> LatentScorePrior:
 
         M = len(cfg.dataset.modalities)
         return JointLatentDiffusion(M, D, mode=two.mode, p_joint=two.get("p_joint", 0.5),
-                                    eps_net=MultiTimeLatentMLP(M, D, hidden=p.hidden, num_blocks=p.num_blocks),
+                                    eps_net=MultiTimeLatentMLP(M, D, hidden=two.get("prior_hidden", None) or p.hidden,
+                                                               num_blocks=p.num_blocks),
                                     sampler=two.sampler, sampler_steps=two.sampler_steps)
     return LatentScorePrior(D, LatentMLP(D, hidden=p.hidden, num_blocks=p.num_blocks), sampler=p.sampler,
                             sampler_steps=p.sampler_steps)

@@ -281,12 +281,13 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         start = time.time()
         what = (f"stage 2 of {cfg.model.name} (joint latent diffusion, mode {two_stage.mode}) on the concatenated "
                 "unimodal latents" if two_stage else "the latent score prior on z ~ q(z | all modalities)")
-        print(f"fitting {what} ({cfg.latent_prior.steps} steps)")
+        prior_steps = (two_stage.get("prior_steps", None) if two_stage else None) or cfg.latent_prior.steps
+        print(f"fitting {what} ({prior_steps} steps)")
         _seed(cfg.seed)  # each phase from the seed: results do not depend on how training drew
         lat_loader = DataLoader(train_set, batch_size=256, shuffle=False)
         latents = collect_latents(vae, lat_loader, cfg.latent_prior.samples_per_example)
         prior = build_latent_prior(cfg)
-        prior.fit(latents, steps=cfg.latent_prior.steps, batch_size=cfg.latent_prior.batch_size, lr=cfg.latent_prior.lr,
+        prior.fit(latents, steps=prior_steps, batch_size=cfg.latent_prior.batch_size, lr=cfg.latent_prior.lr,
                   ema_decay=cfg.latent_prior.get("ema_decay", None))
         vae.latent_prior = prior
         prior_seconds = time.time() - start

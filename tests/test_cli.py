@@ -117,10 +117,11 @@ def test_two_stage_baseline_trains_fits_stage_2_and_reloads(tmp_path):
     from pyro_diffmvae.cli import load_run
     from pyro_diffmvae.two_stage import JointLatentDiffusion, TwoStageVAE
 
-    res = run_app("train", "model=mld", "experiment=tiny", f"hydra.run.dir={tmp_path}/run",
+    res = run_app("train", "model=mld", "experiment=tiny", "model.two_stage.prior_steps=5", "model.two_stage.prior_hidden=16",
+                  f"hydra.run.dir={tmp_path}/run",
                   f"dataset.cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "stage 2 of mld" in res.stdout
+    assert "stage 2 of mld" in res.stdout and "(5 steps)" in res.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics["unconditional"]) == {"normal", "score"}
     vae, cfg = load_run(tmp_path / "run" / "model.pt")
