@@ -50,8 +50,11 @@ class LatentMLP(nn.Module):
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, latent_dim))
 
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time_mlp(_sinusoid(t, self.time_dim))
+
     def forward(self, z_t: torch.Tensor, cond, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(_sinusoid(t, self.time_dim))
+        emb = self.embed_time(t)
         h = self.inp(z_t)
         for block in self.blocks:
             h = h + block(h + emb)

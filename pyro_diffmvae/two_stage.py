@@ -70,7 +70,7 @@ from torch import nn
 from .model import MultimodalVAE
 from .modality import Modality
 from . import samplers as _samplers
-from .prior import LatentScorePrior, _sinusoid
+from .prior import LatentMLP, LatentScorePrior, _sinusoid
 from .sde import VPSDE
 
 __all__ = ["TwoStageVAE", "JointLatentDiffusion", "MultiTimeLatentMLP", "STAGE1", "MODES"]
@@ -79,38 +79,25 @@ STAGE1 = ("vae", "autoencoder")
 MODES = ("sbm", "mld")
 
 
-class MultiTimeLatentMLP(nn.Module):
+class MultiTimeLatentMLP(LatentMLP):
     r"""ε-predictor on M concatenated latent blocks of size d with one diffusion time per block.
 
     ``forward(u_t (B, M·d), cond, tau)`` with ``tau`` of shape ``(B,)`` (one time for all blocks) or
-    ``(B, M)``. Each block's time is embedded (sinusoid → MLP) and the M embeddings are concatenated
-    and projected to modulate residual MLP blocks, as in :class:`~pyro_diffmvae.prior.LatentMLP`.
+    ``(B, M)``. Each block's time gets a sinusoidal embedding; the M embeddings are concatenated and
+    projected to modulate the residual MLP blocks of :class:`~pyro_diffmvae.prior.LatentMLP`.
     """
 
     def __init__(self, num_blocks_latent: int, block_dim: int, hidden: int = 256, num_blocks: int = 3, time_dim: int = 32):
-        super().__init__()
-        self.M, self.d, self.time_dim = int(num_blocks_latent), int(block_dim), int(time_dim)
-        D = self.M * self.d
-        self.time_mlp = nn.Sequential(nn.Linear(self.M * time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.inp = nn.Linear(D, hidden)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-            for _ in range(num_blocks)
-        )
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, D))
+        M, d = int(num_blocks_latent), int(block_dim)
+        super().__init__(M * d, hidden=hidden, num_blocks=num_blocks, time_dim=M * time_dim)
+        self.M, self.d, self.block_time_dim = M, d, int(time_dim)
 
-    def forward(self, u_t: torch.Tensor, cond, tau: torch.Tensor) -> torch.Tensor:
-        B = u_t.shape[0]
-        if tau.dim() == 0:
-            tau = tau.expand(B)
-        if tau.dim() == 1:
-            tau = tau[:, None].expand(B, self.M)
-        emb = _sinusoid(tau.reshape(-1), self.time_dim).reshape(B, self.M * self.time_dim)
-        emb = self.time_mlp(emb)
-        h = self.inp(u_t)
-        for block in self.blocks:
-            h = h + block(h + emb)
-        return self.out(h)
+    def embed_time(self, tau: torch.Tensor) -> torch.Tensor:
+        B = tau.shape[0] if tau.dim() else 1
+        if tau.dim() <= 1:
+            tau = tau.reshape(-1, 1).expand(B, self.M)
+        emb = _sinusoid(tau.reshape(-1), self.block_time_dim).reshape(tau.shape[0], self.M * self.block_time_dim)
+        return self.time_mlp(emb)
 
 
 class JointLatentDiffusion(LatentScorePrior):

@@ -13,22 +13,12 @@ from pyro_diffmvae.modality import FeedForwardDecoder, Modality
 from pyro_diffmvae.prior import collect_latents
 from pyro_diffmvae.sde import VPSDE
 from pyro_diffmvae.two_stage import JointLatentDiffusion, MultiTimeLatentMLP, TwoStageVAE
+from test_objectives import XD, Expert, paired_views  # the same toy experts and paired views
 
 D, X = 2, 3
 NAMES = ("a", "b")
 WEIGHTS = {"a": 1.0, "b": 2.5}
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-class Expert(nn.Module):
-    def __init__(self, d_in, d_out, hidden=0):
-        super().__init__()
-        self.net = nn.Linear(d_in, 2 * d_out) if not hidden else nn.Sequential(
-            nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, 2 * d_out))
-
-    def forward(self, x):
-        mu, logvar = self.net(x).chunk(2, -1)
-        return mu, logvar
 
 
 def make_vae(stage1, hidden=0, x_dim=X, latent_dim=D, beta=1.3, learn_scale=False, scale=None):
@@ -274,16 +264,6 @@ def test_sbm_conditional_sampling_renoises_the_observed_block():
 
 
 # ------------------------------------------------------------------------- training end to end
-C, XD = 4, 8
-
-
-def paired_views(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    protos = {m: 2.0 * torch.randn(C, XD, generator=torch.Generator().manual_seed(100 + i)) for i, m in enumerate("ab")}
-    c = torch.randint(0, C, (n,), generator=g)
-    return {m: protos[m][c] + 0.3 * torch.randn(n, XD, generator=g) for m in "ab"}, c, protos
-
-
 @pytest.mark.parametrize("stage1,mode,sampler,steps", [("vae", "sbm", "sde", 200), ("autoencoder", "mld", "ddim", 50)])
 def test_two_stage_training_gives_coherent_cross_modal_generation(stage1, mode, sampler, steps):
     """Stage 1 (300 Adam steps on the stock ELBO) then stage 2 (600 steps) on paired views of 4 classes;
