@@ -112,6 +112,13 @@ class LatentScorePrior(nn.Module):
         # -log_prob = 1/2 (T - eps) ||eps_hat - eps||^2 for uniform t and lambda = sigma^2
         return -lik.log_prob(z0).mean() * 2.0 / (self.sde.T - self.sde.eps)
 
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """ValueError unless ``latents`` is a finite ``(N, latent_dim)`` tensor (what :meth:`fit` takes)."""
+        if latents.dim() != 2 or latents.shape[1] != self.latent_dim:
+            raise ValueError(f"latents must have shape (N, {self.latent_dim}), got {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain non-finite values")
+
     def fit(self, latents: torch.Tensor, steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
             generator: torch.Generator | None = None, callback=None, ema_decay: float | None = None) -> list[float]:
         """Fit to a tensor of latents ``(N, D)`` with Adam (cosine learning rate); returns the loss per step.
@@ -120,10 +127,7 @@ class LatentScorePrior(nn.Module):
         (``torch.optim.swa_utils``) is kept during training and copied into it at the end, so that
         sampling uses the averaged weights.
         """
-        if latents.dim() != 2 or latents.shape[1] != self.latent_dim:
-            raise ValueError(f"latents must have shape (N, {self.latent_dim}), got {tuple(latents.shape)}")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents contain non-finite values")
+        self.check_latents(latents)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
         averaged = None
@@ -156,8 +160,10 @@ class LatentScorePrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
-        """Draw ``n`` latents with the reverse-time sampler."""
-        device = next(self.eps_net.parameters()).device
+        """Draw ``n`` latents with the reverse-time sampler (on the ε-network's device; the CPU for a
+        network without parameters, such as a closed-form ε)."""
+        param = next(self.eps_net.parameters(), None)
+        device = None if param is None else param.device
         return _samplers.sample(
             self.eps_net, (n, self.latent_dim), self.sde, method=sampler or self.sampler,
             steps=steps or self.sampler_steps, device=device,

@@ -182,12 +182,9 @@ class JointLatentDiffusion(LatentScorePrior):
             generator: torch.Generator | None = None, callback=None, ema_decay: float | None = None) -> list[float]:
         """Set the standardisation from ``latents`` (per-dimension mean and std), then fit as
         :meth:`LatentScorePrior.fit`."""
-        if latents.dim() != 2 or latents.shape[1] != self.latent_dim:
-            raise ValueError(f"latents must have shape (N, {self.latent_dim}), got {tuple(latents.shape)}")
+        self.check_latents(latents)
         if latents.shape[0] < 2:
             raise ValueError("fitting needs at least 2 latents (to standardise them)")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents contain non-finite values")
         with torch.no_grad():
             self.shift.copy_(latents.mean(0))
             self.scale.copy_(latents.std(0).clamp_min(1e-4))
@@ -219,9 +216,7 @@ class JointLatentDiffusion(LatentScorePrior):
     @torch.no_grad()
     def sample(self, n: int, sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         """``n`` joint latents (raw scale) from the unconditional reverse process."""
-        x = _samplers.sample(self.eps_net, (n, self.latent_dim), self.sde, method=sampler or self.sampler,
-                             steps=steps or self.sampler_steps, device=self.shift.device, dtype=self.shift.dtype)
-        return self.denormalise(x)
+        return self.denormalise(super().sample(n, sampler=sampler, steps=steps))
 
     @torch.no_grad()
     def sample_conditional(self, u_obs: torch.Tensor, observed, sampler: str | None = None,
