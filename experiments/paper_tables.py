@@ -72,8 +72,9 @@ def _check_same_overrides(run_dir: Path, overrides: Sequence[str]) -> None:
     stored = run_dir / ".hydra" / "overrides.yaml"
     if not stored.is_file():
         return
+    own = ("experiment", "seed", "trainer.progress_bar", "hydra.run.dir")  # what run_presets itself passes
     ran = {line[2:].strip() for line in stored.read_text().splitlines() if line.startswith("- ")}
-    differ = sorted(set(overrides) ^ (ran - {o for o in ran if o.split("=")[0] in ("experiment", "seed", "trainer.progress_bar", "hydra.run.dir")}))
+    differ = sorted(set(overrides) ^ {o for o in ran if o.split("=")[0] not in own})
     if differ:
         raise SystemExit(f"{run_dir} is finished but ran with other overrides (they differ in {differ}); "
                          "remove it or choose another --out")
@@ -183,11 +184,23 @@ def table_notes(kind: str, runs: Mapping[str, list[dict]]) -> list[str]:
     return []
 
 
+def _write_table(results: Path, name: str, title: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+                 notes: Sequence[str] = ()) -> list[Path]:
+    """``<results>/<name>.md`` (title, table, one paragraph per note) and ``<name>.csv``; returns both paths."""
+    results.mkdir(parents=True, exist_ok=True)
+    md, csv_path = results / f"{name}.md", results / f"{name}.csv"
+    md.write_text("\n".join([
+        f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows), "", *(line for note in notes for line in (note, ""))]))
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([list(header), *rows])
+    return [md, csv_path]
+
+
 def write_tables(out: Path, results: Path) -> list[Path]:
     """Build every table whose data set has runs under ``out``; returns the files written."""
     runs = collect(out)
     written = []
-    results.mkdir(parents=True, exist_ok=True)
     for kind, prefix in TABLES.items():
         selected = {p: s for p, s in runs.items() if p.startswith(prefix)}
         if not selected:
@@ -195,15 +208,8 @@ def write_tables(out: Path, results: Path) -> list[Path]:
         columns = table_columns(kind, selected)
         rows = build_table(selected, columns)
         header = ["preset"] + [name for name, _ in columns]
-        md = results / f"{kind}.md"
-        notes = table_notes(kind, selected)
-        md.write_text("\n".join([
-            f"# {kind} (mean ± std over seeds, number of seeds in brackets)", "",
-            "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), "", *(line for note in notes for line in (note, ""))]))
-        with open(results / f"{kind}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
-        written += [md, results / f"{kind}.csv"]
+        written += _write_table(results, kind, f"{kind} (mean ± std over seeds, number of seeds in brackets)",
+                                header, rows, table_notes(kind, selected))
     return written
 
 
@@ -262,16 +268,10 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
     if not rows:
         return []
     header = ["model"] + [name for name, _ in columns] + (["published coherence 1/2/3/4 given"] if dataset == "polymnist" else [])
-    results.mkdir(parents=True, exist_ok=True)
-    md, csv_path = results / f"zoo_{dataset}.md", results / f"zoo_{dataset}.csv"
-    md.write_text("\n".join([
-        f"# zoo_{dataset}: every model with one budget (mean ± std over seeds, number of seeds in brackets)", "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), "",
-        f"Runs under {out}. The published numbers come from other budgets, backgrounds and classifiers: compare "
-        "them for order of magnitude only.", ""]))
-    with open(csv_path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    return [md, csv_path]
+    return _write_table(results, f"zoo_{dataset}",
+                        f"zoo_{dataset}: every model with one budget (mean ± std over seeds, number of seeds in brackets)",
+                        header, rows, [f"Runs under {out}. The published numbers come from other budgets, backgrounds "
+                                       "and classifiers: compare them for order of magnitude only."])
 
 
 def _mean_fd_all_but_one(metrics: Mapping, fd: str) -> float | None:
