@@ -1,14 +1,15 @@
 """pyro-diffmvae: multimodal VAEs with diffusion decoders (Diff-MVAE) as Pyro probabilistic programs.
 
 The public API is re-exported here; see each module for the math behind it. Data flow:
-data → batch → guide (experts → fusion → z) → model (prior → likelihoods) → ELBO → optimiser;
+data → batch → guide (experts → fusion → z) → model (prior → likelihoods) → objective → optimiser;
 sampling: (given modalities → posterior | latent prior) → z → decoders.
 """
 
-from .fusion import poe, subset_family, subset_weights
+from .fusion import FUSIONS, Fusion, make_fusion, poe, subset_family, subset_weights
 from .likelihoods import ScoreMatchingLikelihood
 from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
-from .model import MultimodalVAE, elbo_terms
+from .model import MultimodalVAE
+from .objectives import ELBO, OBJECTIVES, Objective, elbo_terms, make_objective
 from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior, LatentUNet, collect_latents
 from .samplers import SAMPLERS, sample, sample_ddim, sample_probability_flow, sample_reverse_sde
@@ -33,6 +34,13 @@ __all__ = [
     "simple_weighting",
     "unit_weighting",
     "poe",
+    "Fusion",
+    "FUSIONS",
+    "make_fusion",
+    "Objective",
+    "OBJECTIVES",
+    "ELBO",
+    "make_objective",
     "subset_family",
     "subset_weights",
     "Modality",

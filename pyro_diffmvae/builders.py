@@ -29,7 +29,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
+from .fusion import Fusion, make_fusion
 from .model import MultimodalVAE
+from .objectives import OBJECTIVES, Objective, make_objective
 from .nets.decoders import ConvDecoder, MLPDecoder, TokenDecoder
 from .nets.encoders import ConvEncoder, MLPEncoder, TokenEncoder
 from .nets.text import (
@@ -45,8 +47,8 @@ from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior
 from .sde import VPSDE
 
-__all__ = ["DATASETS", "TEXT_NETS", "build_datasets", "build_model", "build_latent_prior", "cub_vocabulary",
-           "modality_specs", "optimus_codec"]
+__all__ = ["DATASETS", "TEXT_NETS", "build_datasets", "build_model", "build_latent_prior", "build_fusion",
+           "build_objective", "objective_name", "cub_vocabulary", "modality_specs", "optimus_codec"]
 
 DATASETS = ("shapes", "polymnist", "celebamask_hq", "cub")
 TEXT_NETS = ("tokens", "optimus")
@@ -271,8 +273,9 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
 def build_model(cfg: DictConfig) -> MultimodalVAE:
     """The :class:`MultimodalVAE` of ``cfg.model``, ``cfg.fusion`` and ``cfg.weighting``.
 
-    The training objective itself is :func:`pyro_diffmvae.objectives.build_objective` (``cfg.model.objective``);
-    only ``mmvae_plus`` changes the networks: private encoders and decoders over ``[z, w]``."""
+    The fusion is :func:`build_fusion`'s. The training objective itself is :func:`build_objective`
+    (``cfg.model.objective``); the model's ``conditional`` is set to the objective's, and only
+    ``mmvae_plus`` changes the networks: private encoders and decoders over ``[z, w]``."""
     specs = modality_specs(cfg)
     unknown = [n for n in cfg.dataset.diffusion_modalities if n not in specs]
     if unknown:
@@ -288,14 +291,12 @@ def build_model(cfg: DictConfig) -> MultimodalVAE:
     if cfg.model.get("two_stage", None):  # SBM-VAE-C / MLD: one latent of size latent_dim per modality
         from .two_stage import TwoStageVAE
 
-        return TwoStageVAE(modalities, cfg.model.latent_dim, stage1=cfg.model.two_stage.stage1, beta=cfg.model.beta)
-    subsets = cfg.fusion.subsets
-    if subsets is not None and not isinstance(subsets, str):
-        subsets = OmegaConf.to_container(subsets)
-    return MultimodalVAE(
-        modalities, cfg.model.latent_dim, fusion=cfg.fusion.name, subset_strategy=cfg.model.subset_strategy,
-        subsets=subsets, prior_expert=cfg.model.prior_expert, beta=cfg.model.beta,
-    )
+        vae = TwoStageVAE(modalities, cfg.model.latent_dim, stage1=cfg.model.two_stage.stage1, beta=cfg.model.beta)
+    else:
+        vae = MultimodalVAE(modalities, cfg.model.latent_dim, fusion=build_fusion(cfg), beta=cfg.model.beta)
+    # the model generates from the conditional of the objective that trains it (PoE, mixture, ...)
+    vae.conditional = build_objective(cfg).conditional
+    return vae
 
 
 def _with_latent_dim(cfg: DictConfig, latent_dim: int) -> DictConfig:
@@ -311,7 +312,7 @@ def _with_latent_dim(cfg: DictConfig, latent_dim: int) -> DictConfig:
 def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping) -> list[Modality]:
     """MMVAE+ modalities: shared + private encoders and decoders over ``[z, w]`` of size
     ``latent_dim + private_latent_dim`` (see :class:`~pyro_diffmvae.objectives.MMVAEPlus`)."""
-    from .objectives import PrivateLatentDecoder, SharedPrivateEncoder
+    from .nets.mmvae_plus import PrivateLatentDecoder, SharedPrivateEncoder
 
     D = int(cfg.model.latent_dim)
     Dw = cfg.model.get("private_latent_dim", None)
@@ -356,3 +357,78 @@ def to_device_batch(batch: Mapping, device) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _plain(node):
+    """A hydra/omegaconf node as plain Python containers (other values as they are)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_fusion(cfg: DictConfig) -> Fusion:
+    """The :class:`~pyro_diffmvae.fusion.Fusion` of the ``fusion`` config group.
+
+    ``cfg.fusion`` holds the fusion's ``name`` (one of :data:`~pyro_diffmvae.fusion.FUSIONS`, whose
+    settings are the defaults) and any of ``combine`` (the product rule: a name of
+    :data:`~pyro_diffmvae.fusion.COMBINE_RULES` or a mapping with a hydra ``_target_`` naming a callable,
+    which is looked up, not called), ``subsets``, ``subset_weights``, ``subset_strategy``,
+    ``prior_expert`` (``none`` | ``full`` | ``every``) and ``conditional`` (``product`` | ``mixture``);
+    ``null`` keeps the named fusion's setting. A ``cfg.fusion`` with a ``_target_`` is instantiated
+    instead (it must give a :class:`~pyro_diffmvae.fusion.Fusion`).
+
+    Configs stored by runs before the fusion group held these settings (``model.subset_strategy``,
+    ``model.prior_expert``) are read as they were trained: the prior expert in every product of
+    ``mopoe``/``poe`` unless ``model.prior_expert`` said otherwise."""
+    f = cfg.fusion
+    if "_target_" in f:
+        from hydra.utils import instantiate
+
+        fusion = instantiate(f)
+        if not isinstance(fusion, Fusion):
+            raise TypeError(f"fusion._target_={f._target_} gave a {type(fusion).__name__}, not a pyro_diffmvae.fusion.Fusion")
+        return fusion
+    settings = {k: _plain(v) for k, v in f.items()}
+    combine = settings.get("combine")
+    if isinstance(combine, Mapping):
+        if "_target_" not in combine:
+            raise ValueError(f"fusion.combine must be a name or a mapping with a _target_, got {combine}")
+        from hydra.utils import get_method
+
+        settings["combine"] = get_method(combine["_target_"])
+    model = cfg.model
+    if "prior_expert" not in f and "prior_expert" in model:  # a run stored before the fusion group held it
+        legacy = model.prior_expert
+        settings["prior_expert"] = ("none" if f.name == "moe" else "every") if legacy is None else bool(legacy)
+    if "subset_strategy" not in f and model.get("subset_strategy", None) is not None:
+        settings["subset_strategy"] = model.subset_strategy
+    return make_fusion(settings)
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    """The training objective of a hydra configuration: ``cfg.model.objective`` — a name of
+    :data:`~pyro_diffmvae.objectives.OBJECTIVES` (default ``"elbo"``) with the hyperparameters
+    ``cfg.model.objective_params`` (a mapping, default empty), or a mapping with a hydra ``_target_``
+    (a user's :class:`~pyro_diffmvae.objectives.Objective`), instantiated with its other keys. β is the
+    model's (``cfg.model.beta`` → ``vae.beta``) unless the objective sets its own ``beta``."""
+    model = cfg.model
+    spec = model.get("objective", "elbo") or "elbo"
+    params = _plain(model.get("objective_params", None)) or {}
+    if OmegaConf.is_config(spec):
+        if "_target_" not in spec:
+            raise ValueError(f"model.objective must be a name of {sorted(OBJECTIVES)} or a mapping with a _target_, "
+                             f"got {_plain(spec)}")
+        from hydra.utils import instantiate
+
+        objective = instantiate(spec, **params)
+        if not isinstance(objective, Objective):
+            raise TypeError(f"model.objective._target_={spec._target_} gave a {type(objective).__name__}, "
+                            "not a pyro_diffmvae.objectives.Objective")
+        return objective
+    if spec in ("mvae", "mvtcae") and "prior_expert" not in params and model.get("prior_expert", None) is not None:
+        params["prior_expert"] = bool(model.prior_expert)  # a run stored before objective_params held it
+    return make_objective(spec, **params)
+
+
+def objective_name(cfg: DictConfig) -> str:
+    """The objective's name for reports: ``model.objective``, or its ``_target_``."""
+    spec = cfg.model.get("objective", "elbo") or "elbo"
+    return str(spec._target_) if OmegaConf.is_config(spec) else str(spec)

@@ -202,10 +202,9 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader
 
-    from .builders import build_datasets, build_latent_prior, build_model
+    from .builders import build_datasets, build_latent_prior, build_model, build_objective, objective_name
     from .evaluation import evaluate, save_metrics, write_report
     from .figures import save_loss_curves
-    from .objectives import build_objective
     from .prior import collect_latents
     from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer
 
@@ -227,8 +226,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     train_loader = ResumableDataLoader(train_set, batch_size=t.batch_size, seed=cfg.seed, shuffle=True,
                                        num_workers=t.num_workers, drop_last=True)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
-    objective_name = cfg.model.get("objective", "elbo") or "elbo"
-    objective = None if objective_name == "elbo" else build_objective(cfg)  # None: the module's own ELBO
+    objective = build_objective(cfg)  # the one objective: training, validation, checkpoint selection, logging
     module = DiffMVAEModule(vae, lr=t.lr, weight_decay=t.weight_decay, log_parts_every=t.log_parts_every,
                             ema_decay=t.ema_decay, seed=cfg.seed, nonfinite=t.nonfinite, max_nonfinite=t.max_nonfinite,
                             objective=objective, channels_last=t.get("channels_last", False),
@@ -295,7 +293,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     atomic_torch_save({"config": config, "vae": vae.state_dict()}, out / "model.pt")
     save_loss_curves(out / "logs" / "metrics.csv", out / "loss_curves.png")
 
-    metrics = {"training": {"objective": objective_name, "steps": int(trainer.global_step),
+    metrics = {"training": {"objective": objective_name(cfg), "steps": int(trainer.global_step),
                             "train_seconds": round(train_seconds, 1), "latent_prior_seconds": round(prior_seconds, 1)}}
     if module.skipped_nonfinite:
         metrics["training"]["skipped_nonfinite"] = int(module.skipped_nonfinite)

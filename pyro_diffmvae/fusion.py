@@ -23,13 +23,31 @@ Each modality :math:`m` has an expert :math:`q(z\mid x^m) = \mathcal N(\mu_m, \m
   Per example only subsets of the *observed* modalities are valid; their weights are renormalised.
 
 Subsets are boolean rows of a ``(K, M)`` tensor over the modalities in a fixed order.
+
+**Fusions** (:class:`Fusion`) put these pieces together: a *product rule* (``combine``, default
+:func:`poe`) that turns the experts of one subset into :math:`q(z\mid x_A)`, the subset family
+:math:`S`, its weights :math:`\omega`, the subset strategy of the guide, **where the prior expert
+goes**, and the *conditional* a model generates from. The prior expert placements:
+
+* ``"none"``: in no product (MoE; MVTCAE's ``ivw_fusion``);
+* ``"full"``: only in the product of *all* modalities, as in the MoPoE authors' code
+  (``poe_fusion`` adds :math:`\mathcal N(0, I)` when the subset holds every modality) and in
+  MultiVae; a single modality's subset is then that modality's expert. The default of ``mopoe``;
+* ``"every"``: in every product (MVAE). With the prior in every product an expert can switch
+  itself off — a log-variance of +∞ gives :math:`q(z\mid x_m) = p(z)` and a zero KL — which is
+  why MoPoE does not do it.
+
+:data:`FUSIONS` holds the named ones (``poe``, ``moe``, ``mopoe``); :func:`make_fusion` builds one
+from a name, a :class:`Fusion` or a mapping of overrides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from typing import Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
+import pyro.distributions as dist
 import torch
 
 __all__ = [
@@ -39,10 +57,22 @@ __all__ = [
     "subset_weights",
     "SUBSET_FAMILIES",
     "SubsetFamily",
+    "Fusion",
+    "FUSIONS",
+    "COMBINE_RULES",
+    "PRIOR_EXPERT_PLACEMENTS",
+    "SUBSET_STRATEGIES",
+    "CONDITIONALS",
+    "make_fusion",
+    "prior_expert_flags",
+    "mixture_of_experts",
 ]
 
 SUBSET_FAMILIES = ("all", "mvae", "singletons", "full")
 SubsetFamily = Union[str, Sequence[Sequence[str]]]
+PRIOR_EXPERT_PLACEMENTS = ("none", "full", "every")
+SUBSET_STRATEGIES = ("sample", "enumerate")
+CONDITIONALS = ("product", "mixture")
 
 
 def poe(
@@ -56,7 +86,9 @@ def poe(
     :param mu: expert means, shape ``(..., M, D)``.
     :param logvar: expert log-variances, shape ``(..., M, D)``.
     :param mask: boolean ``(..., M)``: which experts take part (default: all).
-    :param prior_expert: include :math:`\mathcal N(0, I)` as an extra expert.
+    :param prior_expert: include :math:`\mathcal N(0, I)` as an extra expert: a bool, or a bool
+        tensor broadcastable to ``mu.shape[:-2]`` (one flag per product: MoPoE multiplies it into
+        the product of the full set only).
     :returns: ``(mu_A, logvar_A)`` of shape ``(..., D)``, in at least float32 (bf16/fp16 experts
         are upcast before the arithmetic; float64 stays float64).
     :raises ValueError: if some product has no expert at all (``prior_expert=False`` and an
@@ -74,12 +106,16 @@ def poe(
     zeros = torch.zeros_like(mu)
     mu = torch.where(mask, mu, zeros)
     log_precision = torch.where(mask, -torch.where(mask, logvar, zeros), torch.full_like(mu, -float("inf")))
-    if prior_expert:
+    with_prior = torch.as_tensor(prior_expert, dtype=torch.bool, device=mu.device)
+    if with_prior.any():
         prior_shape = mu.shape[:-2] + (1, mu.shape[-1])
+        # log-precision 0 (the expert N(0, I)) where the flag holds, -inf (absent) elsewhere
+        prior_log_precision = torch.where(with_prior.reshape(with_prior.shape + (1, 1)),
+                                          log_precision.new_zeros(()), log_precision.new_full((), -float("inf")))
         mu = torch.cat([mu, mu.new_zeros(prior_shape)], dim=-2)
-        log_precision = torch.cat([log_precision, log_precision.new_zeros(prior_shape)], dim=-2)
-    elif not mask.any(-2).all():
-        raise ValueError("poe: a product has no expert (all masked out and prior_expert=False)")
+        log_precision = torch.cat([log_precision, prior_log_precision.expand(prior_shape)], dim=-2)
+    if not (mask.any(-2)[..., 0] | with_prior).all():
+        raise ValueError("poe: a product has no expert (all masked out and no prior expert)")
     logvar_joint = -torch.logsumexp(log_precision, dim=-2)
     weights = torch.softmax(log_precision, dim=-2)
     mu_joint = (weights * mu).sum(-2)
@@ -176,3 +212,136 @@ def subset_weights(
             "of the family's subsets is contained in the available ones)"
         )
     return w / total
+
+
+# ------------------------------------------------------------------------------------- fusions
+def prior_expert_flags(masks: torch.Tensor, placement: str) -> torch.Tensor | bool:
+    """Whether each product includes the prior expert, for expert masks ``(..., M)``:
+    ``"none"`` → False, ``"every"`` → True, ``"full"`` → the mask holds every modality."""
+    if placement == "none":
+        return False
+    if placement == "every":
+        return True
+    if placement == "full":
+        return masks.all(-1)
+    raise ValueError(f"unknown prior expert placement {placement!r}; known: {list(PRIOR_EXPERT_PLACEMENTS)}")
+
+
+def mixture_of_experts(mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor) -> dist.TorchDistribution:
+    r"""The uniform mixture :math:`\frac{1}{|A_b|}\sum_{m\in A_b}\mathcal N(\mu_m, \sigma_m^2)` of the
+    experts ``(B, M, D)`` where ``mask`` ``(B, M)`` holds, as a distribution of batch shape ``(B,)``
+    and event shape ``(D,)``: a draw picks one masked expert uniformly, then draws from it (how
+    MMVAE and MMVAE+ condition on several modalities). Its ``mean`` is the average of the means."""
+    mu, logvar = _at_least_float32(mu), _at_least_float32(logvar)
+    mask = mask.to(torch.bool)
+    if not mask.any(-1).all():
+        raise ValueError("mixture_of_experts: an example has no expert to mix (all masked out)")
+    logits = torch.where(mask, torch.zeros_like(mu[..., 0]), torch.full_like(mu[..., 0], -float("inf")))
+    components = dist.Normal(mu, torch.exp(0.5 * logvar)).to_event(1)  # batch (B, M), event (D,)
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+
+
+#: product rules by name: ``(mu (..., M, D), logvar, mask (..., M), prior_expert) -> (mu_A, logvar_A)``
+COMBINE_RULES: dict[str, Callable] = {"poe": poe}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    r"""How the guide fuses unimodal experts, and how the model conditions on given modalities.
+
+    For each subset :math:`A` of the family, :math:`q(z\mid x_A)` is ``combine`` applied to the
+    experts of :math:`A` (with the prior expert where ``prior_expert`` places it); the subset ELBO
+    (paper eq. 3–5) weights the subsets with :math:`\omega` renormalised per example over the
+    subsets of its observed modalities.
+
+    :param name: shown in reports.
+    :param combine: the product rule of a subset, ``(mu (..., M, D), logvar, mask (..., M) bool,
+        prior_expert: bool or bool tensor (...)) -> (mu_A, logvar_A)`` each ``(..., D)``; a name of
+        :data:`COMBINE_RULES` or a callable (default :func:`poe`).
+    :param subsets: the subset family (:func:`subset_family`); ``"full"`` means each example's own
+        observed set.
+    :param subset_weights: ω over the family (default uniform).
+    :param subset_strategy: ``"sample"`` (one subset per example, drawn in the guide) or
+        ``"enumerate"`` (every subset, ω-scaled).
+    :param prior_expert: ``"none"``, ``"full"`` or ``"every"`` (module docstring).
+    :param conditional: ``"product"`` — generation given :math:`A` draws from ``combine`` over
+        :math:`A`'s experts (PoE, MoPoE); ``"mixture"`` — from the uniform mixture of :math:`A`'s
+        experts (MoE, :func:`mixture_of_experts`).
+    """
+
+    name: str
+    combine: Callable | str = "poe"
+    subsets: SubsetFamily = "all"
+    subset_weights: Sequence[float] | None = None
+    subset_strategy: str = "sample"
+    prior_expert: str = "full"
+    conditional: str = "product"
+
+    def __post_init__(self):
+        if isinstance(self.combine, str):
+            if self.combine not in COMBINE_RULES:
+                raise ValueError(f"unknown fusion product rule {self.combine!r}; known: {sorted(COMBINE_RULES)} "
+                                 "or a callable (mu, logvar, mask, prior_expert) -> (mu, logvar)")
+            object.__setattr__(self, "combine", COMBINE_RULES[self.combine])
+        if not callable(self.combine):
+            raise TypeError(f"fusion {self.name!r}: combine must be callable, got {type(self.combine).__name__}")
+        if self.prior_expert not in PRIOR_EXPERT_PLACEMENTS:
+            raise ValueError(f"fusion {self.name!r}: unknown prior expert placement {self.prior_expert!r}; "
+                             f"known: {list(PRIOR_EXPERT_PLACEMENTS)}")
+        if self.subset_strategy not in SUBSET_STRATEGIES:
+            raise ValueError(f"unknown subset_strategy {self.subset_strategy!r}; known: {list(SUBSET_STRATEGIES)}")
+        if self.conditional not in CONDITIONALS:
+            raise ValueError(f"fusion {self.name!r}: unknown conditional {self.conditional!r}; known: {list(CONDITIONALS)}")
+
+    def product(self, mu: torch.Tensor, logvar: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r""":math:`q(z\mid x_A)` for expert masks ``(..., M)`` (experts ``(..., M, D)``, broadcast):
+        ``combine`` with the prior expert where the placement puts it."""
+        return self.combine(mu, logvar, masks, prior_expert_flags(masks, self.prior_expert))
+
+    def given(self, mu: torch.Tensor, logvar: torch.Tensor, mask: torch.Tensor) -> dist.TorchDistribution:
+        r"""The conditional :math:`q(z\mid x_A)` a model generates from, for experts ``(B, M, D)`` and
+        the given-and-available mask ``(B, M)``: batch shape ``(B,)``, event ``(D,)``."""
+        if self.conditional == "mixture":
+            return mixture_of_experts(mu, logvar, mask)
+        mu_z, logvar_z = self.product(mu, logvar, mask)
+        return dist.Normal(mu_z, torch.exp(0.5 * logvar_z)).to_event(1)
+
+    def replace(self, **overrides) -> "Fusion":
+        """A copy with the non-``None`` ``overrides`` (``prior_expert`` may be a bool: True → ``"every"``,
+        False → ``"none"``)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(overrides.get("prior_expert"), bool):
+            overrides["prior_expert"] = "every" if overrides["prior_expert"] else "none"
+        return dataclasses.replace(self, **overrides)
+
+
+#: the named fusions; MoPoE as published (prior expert in the full product only)
+FUSIONS: dict[str, Fusion] = {
+    "mopoe": Fusion("mopoe", subsets="all", prior_expert="full", conditional="product"),
+    "poe": Fusion("poe", subsets="full", prior_expert="every", conditional="product"),
+    "moe": Fusion("moe", subsets="singletons", prior_expert="none", conditional="mixture"),
+}
+
+
+def make_fusion(fusion: str | Fusion | Mapping = "mopoe", **overrides) -> Fusion:
+    """A :class:`Fusion` from a name of :data:`FUSIONS`, a :class:`Fusion`, or a mapping with a
+    ``name`` (of :data:`FUSIONS`, whose settings it starts from; another name starts from the
+    :class:`Fusion` defaults) and any of its fields; then the non-``None`` ``overrides``."""
+    if isinstance(fusion, Fusion):
+        return fusion.replace(**overrides)
+    if isinstance(fusion, str):
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; known: {sorted(FUSIONS)} (or a Fusion / a mapping of its fields)")
+        return FUSIONS[fusion].replace(**overrides)
+    if isinstance(fusion, Mapping):
+        settings = dict(fusion)
+        fields = {f.name for f in dataclasses.fields(Fusion)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ValueError(f"unknown fusion settings {unknown}; known: {sorted(fields)}")
+        name = settings.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"a fusion needs a name, got {name!r}")
+        base = FUSIONS.get(name, Fusion(name))
+        return base.replace(**{k: v for k, v in settings.items() if k != "name"}).replace(**overrides)
+    raise TypeError(f"a fusion is a name, a Fusion or a mapping, got {type(fusion).__name__}")

@@ -9,8 +9,9 @@ never ``obs=None``, which would make Pyro *sample* the site (a full reverse SDE 
 decoder) at every training step.
 
 Guide (``guide``): encoders give experts :math:`q(z\mid x^m)`; for a subset :math:`A` of the observed
-modalities, :math:`q(z\mid x_A) = \mathrm{PoE}_A` (with the prior expert by default). The subset
-ELBO (eq. 3–5) is
+modalities, :math:`q(z\mid x_A)` is the fusion's product of :math:`A`'s experts
+(:class:`~pyro_diffmvae.fusion.Fusion`: the PoE, with the prior expert in the product of all
+modalities only for ``mopoe``). The subset ELBO (eq. 3–5) is
 
 .. math:: \mathcal L = \sum_{A\in S}\omega_A\Big\{\mathbb E_{q(z\mid x_A)}\Big[\sum_m \lambda_m\log p(x^m\mid z)\Big]
           - \beta\,\mathrm{KL}(q(z\mid x_A)\Vert p(z))\Big\},
@@ -33,7 +34,7 @@ present; the key ``"meta"`` is ignored (labels and the like).
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -42,19 +43,15 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from .fusion import SubsetFamily, poe, subset_family, subset_weights
+from .fusion import FUSIONS, SUBSET_STRATEGIES, Fusion, SubsetFamily, make_fusion, subset_family, subset_weights
 from .modality import Modality
 
-__all__ = ["MultimodalVAE", "elbo_terms", "FUSIONS", "SUBSET_STRATEGIES"]
+__all__ = ["MultimodalVAE", "FUSIONS", "SUBSET_STRATEGIES", "Conditional"]
 
-#: fusion name -> (default subset family, default prior expert)
-FUSIONS = {
-    "mopoe": ("all", True),
-    "poe": ("full", True),
-    "moe": ("singletons", False),
-}
-SUBSET_STRATEGIES = ("sample", "enumerate")
 RESERVED_KEYS = ("available", "meta")
+
+#: ``conditional(vae, batch, given) -> q(z | x_given)``: how a model generates from given modalities
+Conditional = Callable[["MultimodalVAE", Mapping, Sequence[str]], dist.TorchDistribution]
 
 
 class MultimodalVAE(PyroModule):
@@ -62,27 +59,36 @@ class MultimodalVAE(PyroModule):
 
     :param modalities: the :class:`~pyro_diffmvae.modality.Modality` list (names unique).
     :param latent_dim: size D of z.
-    :param fusion: ``"mopoe"`` (all non-empty subsets), ``"poe"`` (the observed set) or
-        ``"moe"`` (singletons, no prior expert).
+    :param fusion: a :class:`~pyro_diffmvae.fusion.Fusion`, or the name of one of
+        :data:`~pyro_diffmvae.fusion.FUSIONS`: ``"mopoe"`` (all non-empty subsets, the prior expert
+        in the full product only), ``"poe"`` (the observed set, with the prior expert) or ``"moe"``
+        (singletons, no prior expert; generation given several modalities from their mixture).
+    The next four override the fusion's settings (``None``: the fusion's):
+
     :param subset_strategy: ``"sample"`` or ``"enumerate"`` (see module docstring).
-    :param subsets: override the fusion's subset family: ``"all"``, ``"mvae"``, ``"singletons"``,
-        ``"full"`` or a list of subsets of names. With ``"full"``/``fusion="poe"`` each example uses
-        all of *its* observed modalities.
+    :param subsets: the subset family: ``"all"``, ``"mvae"``, ``"singletons"``, ``"full"`` or a
+        list of subsets of names. With ``"full"`` each example uses all of *its* observed modalities.
     :param subset_weights: ω over the family (default uniform), renormalised per example.
-    :param prior_expert: include N(0, I) in every product (default: the fusion's).
+    :param prior_expert: where the prior expert N(0, I) goes: ``"none"``, ``"full"`` (the product
+        of all modalities), ``"every"`` (every product); True / False mean ``"every"`` / ``"none"``.
     :param beta: KL weight β.
     :param name: the prefix of this module's parameters in Pyro's param store.
+
+    ``conditional`` (attribute, default ``None``: the fusion's, :meth:`fusion_posterior`) is how
+    :meth:`posterior` and :meth:`generate` condition on given modalities; the training objective
+    sets it (:meth:`pyro_diffmvae.objectives.Objective.conditional`), so that an MMVAE generates
+    from the mixture it was trained with.
     """
 
     def __init__(
         self,
         modalities: Sequence[Modality],
         latent_dim: int,
-        fusion: str = "mopoe",
-        subset_strategy: str = "sample",
+        fusion: str | Fusion = "mopoe",
+        subset_strategy: str | None = None,
         subsets: SubsetFamily | None = None,
         subset_weights: Sequence[float] | None = None,
-        prior_expert: bool | None = None,
+        prior_expert: str | bool | None = None,
         beta: float = 1.0,
         name: str = "mvae",
     ):
@@ -95,37 +101,36 @@ class MultimodalVAE(PyroModule):
         clash = [n for n in names if n in RESERVED_KEYS]
         if clash:
             raise ValueError(f"modality names {clash} clash with reserved batch keys {list(RESERVED_KEYS)}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; known: {sorted(FUSIONS)}")
-        if subset_strategy not in SUBSET_STRATEGIES:
-            raise ValueError(f"unknown subset_strategy {subset_strategy!r}; known: {list(SUBSET_STRATEGIES)}")
+        fusion = make_fusion(fusion, subset_strategy=subset_strategy, subsets=subsets,
+                             subset_weights=subset_weights, prior_expert=prior_expert)
         if not beta > 0:
             raise ValueError(f"beta must be positive, got {beta}")
         if not (isinstance(latent_dim, int) and latent_dim > 0):
             raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
-        default_family, default_prior_expert = FUSIONS[fusion]
-        family = default_family if subsets is None else subsets
+        family = fusion.subsets
         self.modalities = nn.ModuleDict({m.name: m for m in modalities})
         self.names = names
         self.latent_dim = latent_dim
         self.fusion = fusion
-        self.subset_strategy = subset_strategy
+        self.subset_strategy = fusion.subset_strategy
         self.per_example_full = isinstance(family, str) and family == "full"
         self.register_buffer("subsets", subset_family(names, family))
-        if subset_weights is None:
+        if fusion.subset_weights is None:
             base = torch.ones(self.subsets.shape[0])
         else:
-            base = torch.as_tensor(subset_weights, dtype=torch.get_default_dtype())
+            base = torch.as_tensor(list(fusion.subset_weights), dtype=torch.get_default_dtype())
             if base.shape != (self.subsets.shape[0],) or (base < 0).any() or base.sum() <= 0:
                 raise ValueError(
                     f"subset_weights must be {self.subsets.shape[0]} non-negative numbers with a positive "
                     f"sum (one per subset), got {list(map(float, base.flatten()))}"
                 )
         self.register_buffer("base_subset_weights", base / base.sum())
-        self.prior_expert = default_prior_expert if prior_expert is None else bool(prior_expert)
+        self.prior_expert = fusion.prior_expert
         self.beta = float(beta)
         self.pyro_name = name
         self.latent_prior = None  # an optional LatentScorePrior for unconditional generation
+        self.conditional: Conditional | None = None  # None: the fusion's (set by the training objective)
+        self.proper_prior = True  # p(z) is a distribution (False: the flat prior of deterministic autoencoders)
 
     # ------------------------------------------------------------------ batch
     def parse_batch(self, batch: Mapping) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
@@ -262,9 +267,10 @@ class MultimodalVAE(PyroModule):
         if self.subset_strategy == "sample":
             k = torch.multinomial(weights, 1).squeeze(-1)  # plain torch randomness, not a Pyro site
             expert_mask = masks[k, torch.arange(B, device=k.device)]
-            mu_z, logvar_z = poe(mu, logvar, expert_mask, self.prior_expert)
-        else:
-            mu_z, logvar_z = poe(mu.unsqueeze(0), logvar.unsqueeze(0), masks, self.prior_expert)
+            mu_z, logvar_z = self.fusion.product(mu, logvar, expert_mask)
+        else:  # subsets an example lacks (ω = 0, masked out) get its observed set: never an empty product
+            masks = torch.where((weights.T > 0)[..., None], masks, available[None])
+            mu_z, logvar_z = self.fusion.product(mu.unsqueeze(0), logvar.unsqueeze(0), masks)
         # the drawn subsets (sample strategy) are recorded in the site's infer dict for inspection
         infer = {"subset_index": k} if self.subset_strategy == "sample" else {}
         with self._subset_context(weights), poutine.scale(scale=self.beta):
@@ -272,19 +278,34 @@ class MultimodalVAE(PyroModule):
 
     # ------------------------------------------------------------ inference
     def posterior(self, batch: Mapping, given: Sequence[str] | None = None) -> dist.TorchDistribution:
-        """q(z | x_given) = PoE of the given observed experts (+ prior expert), shape ``(B,)``."""
-        data, available, B = self.parse_batch(batch)
+        """q(z | x_given), batch shape ``(B,)``: the conditional the model generates from — the training
+        objective's (``self.conditional``) when one is set, else the fusion's (:meth:`fusion_posterior`).
+        ``given`` defaults to every modality."""
         given = self.names if given is None else list(given)
+        if self.conditional is not None:
+            return self.conditional(self, batch, given)
+        return self.fusion_posterior(batch, given)
+
+    def given_experts(self, batch: Mapping, given: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts ``(mu, logvar)`` ``(B, M, D)`` of the batch and the mask ``(B, M)`` of the
+        modalities that are given and available (an example with none of them is an error)."""
+        data, available, B = self.parse_batch(batch)
         unknown = [g for g in given if g not in self.modalities]
         if unknown:
             raise ValueError(f"unknown modality names {unknown} in given; known: {self.names}")
         keep = torch.tensor([n in given for n in self.names], device=available.device)
         mask = available & keep
-        if not self.prior_expert and not mask.any(-1).all():
-            raise ValueError(f"some examples observe none of the given modalities {given}")
         mu, logvar = self.experts({n: x for n, x in data.items() if n in given}, mask)
-        mu_z, logvar_z = poe(mu, logvar, mask, self.prior_expert)
-        return dist.Normal(mu_z, torch.exp(0.5 * logvar_z)).to_event(1)
+        return mu, logvar, mask
+
+    def fusion_posterior(self, batch: Mapping, given: Sequence[str]) -> dist.TorchDistribution:
+        """The fusion's conditional (:meth:`~pyro_diffmvae.fusion.Fusion.given`): for ``mopoe`` and
+        ``poe`` the product of the given observed experts (with the prior expert where the fusion
+        places it), for ``moe`` their uniform mixture."""
+        mu, logvar, mask = self.given_experts(batch, given)
+        if self.prior_expert != "every" and not mask.any(-1).all():
+            raise ValueError(f"some examples observe none of the given modalities {list(given)}")
+        return self.fusion.given(mu, logvar, mask)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, targets: Sequence[str] | None = None, sampler: str | None = None, steps: int | None = None) -> dict[str, torch.Tensor]:
@@ -352,36 +373,3 @@ def _float_dtype(data: Mapping[str, torch.Tensor]) -> torch.dtype:
             return x.dtype
     return torch.get_default_dtype()
 
-
-def elbo_terms(vae: MultimodalVAE, batch: Mapping) -> dict[str, torch.Tensor]:
-    r"""The parts of the (subset) ELBO estimate for one draw, per example of the batch.
-
-    Returns ``{"loglik/<name>": Σ weighted log p(x^m|z), "kl": KL(q‖p) (without β; summed over the
-    latent sites when there are several), "elbo": the
-    objective that ``TraceMeanField_ELBO`` maximises, i.e. Σ_m loglik − β·KL}``, each divided by
-    the batch size. ω weights and availability masks are applied as in the ELBO.
-    """
-    from pyro.distributions.kl import kl_divergence
-    from pyro.distributions.util import scale_and_mask
-    from pyro.poutine.util import site_is_subsample
-
-    guide_trace = poutine.trace(vae.guide).get_trace(batch)
-    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(batch)
-    model_trace.compute_log_prob()
-    B = vae.parse_batch(batch)[2]
-    out: dict[str, torch.Tensor] = {}
-    elbo = 0.0
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        if site["is_observed"]:
-            out[f"loglik/{name[2:]}"] = site["log_prob_sum"] / B
-            elbo = elbo + site["log_prob_sum"]
-        else:
-            q = guide_trace.nodes[name]
-            kl = kl_divergence(q["fn"], site["fn"])
-            kl = scale_and_mask(kl, q["scale"], q["mask"]).sum()
-            out["kl"] = out.get("kl", 0.0) + kl / vae.beta / B  # summed over latent sites (one per modality in two_stage)
-            elbo = elbo - kl
-    out["elbo"] = elbo / B
-    return out

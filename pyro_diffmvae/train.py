@@ -47,7 +47,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from pyro.infer import SVI, TraceMeanField_ELBO
 from torch.utils.data import DataLoader, Sampler
 
-from .model import MultimodalVAE, elbo_terms
+from .model import MultimodalVAE
+from .objectives import elbo_terms
 from .io import atomic_torch_save
 from .prior import LatentScorePrior
 

@@ -67,6 +67,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from .fusion import Fusion
 from .model import MultimodalVAE
 from .modality import Modality
 from . import samplers as _samplers
@@ -249,8 +250,10 @@ class TwoStageVAE(MultimodalVAE):
         if stage1 not in STAGE1:
             raise ValueError(f"unknown stage-1 model {stage1!r}; known: {list(STAGE1)}")
         super().__init__(modalities, block_dim, fusion="poe", beta=beta, name=name)
-        self.fusion = "two_stage"  # no posterior fusion: the stage-2 diffusion relates the modalities
+        # no posterior fusion: the stage-2 diffusion relates the modalities
+        self.fusion = Fusion("two_stage", subsets="full", prior_expert="every")
         self.stage1 = stage1
+        self.proper_prior = stage1 == "vae"  # the autoencoders' flat prior is improper: their ELBO bounds nothing
 
     @property
     def joint_dim(self) -> int:

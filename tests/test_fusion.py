@@ -123,3 +123,79 @@ def test_subset_weights_renormalise_over_available():
     torch.testing.assert_close(wb[0], base / base.sum())
     with pytest.raises(ValueError, match=r"examples \[0\] have no valid subset"):
         subset_weights(fam, torch.tensor([[False, False, False]]))
+
+
+# ------------------------------------------------------------------- fusions and the prior expert
+from pyro_diffmvae.fusion import FUSIONS, Fusion, make_fusion, mixture_of_experts, prior_expert_flags  # noqa: E402
+
+
+def test_poe_takes_one_prior_expert_flag_per_product():
+    """A bool tensor of flags equals one call per product with that bool (bug: flags ignored or
+    broadcast along the wrong dims)."""
+    g = torch.Generator().manual_seed(0)
+    mu, lv = torch.randn(4, 3, 2, 5, generator=g), torch.randn(4, 3, 2, 5, generator=g)  # (K, B, M, D)
+    mask = torch.rand(4, 3, 2, generator=g) > 0.3
+    mask[..., 0] = True
+    flags = torch.rand(4, 3, generator=g) > 0.5
+    m, v = poe(mu, lv, mask, flags)
+    for k in range(4):
+        for b in range(3):
+            mk, vk = poe(mu[k, b], lv[k, b], mask[k, b], bool(flags[k, b]))
+            torch.testing.assert_close(m[k, b], mk)
+            torch.testing.assert_close(v[k, b], vk)
+
+
+def test_prior_expert_placements():
+    masks = torch.tensor([[True, False, False], [True, True, False], [True, True, True]])
+    assert prior_expert_flags(masks, "none") is False and prior_expert_flags(masks, "every") is True
+    assert prior_expert_flags(masks, "full").tolist() == [False, False, True]  # MoPoE: the full product only
+    with pytest.raises(ValueError, match="unknown prior expert placement"):
+        prior_expert_flags(masks, "some")
+
+
+def test_mopoe_singleton_is_the_expert_and_the_full_product_has_the_prior():
+    """MoPoE as published: q(z | x_m) of a singleton subset is the expert itself (no N(0, I)); the
+    product of all modalities includes it (bug: the prior in every product, or in none)."""
+    mu, lv = torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [0.0]])  # two unit-variance experts
+    mopoe = FUSIONS["mopoe"]
+    m, v = mopoe.product(mu, lv, torch.tensor([True, False]))
+    assert (m.item(), v.exp().item()) == (1.0, 1.0)
+    m, v = mopoe.product(mu, lv, torch.tensor([True, True]))
+    assert m.item() == pytest.approx(4.0 / 3.0) and v.exp().item() == pytest.approx(1.0 / 3.0)
+    m, v = FUSIONS["poe"].product(mu, lv, torch.tensor([True, False]))  # MVAE's placement: prior everywhere
+    assert m.item() == pytest.approx(0.5) and v.exp().item() == pytest.approx(0.5)
+
+
+def test_mixture_of_experts_draws_each_given_expert_uniformly():
+    """Two far-apart experts: about half of the draws come from each; a masked-out expert never
+    (bug: the PoE instead of the mixture, or a non-uniform choice)."""
+    mu = torch.tensor([[[-10.0], [10.0], [50.0]]]).expand(4000, 3, 1)
+    lv = torch.full_like(mu, -4.0)
+    q = mixture_of_experts(mu, lv, torch.tensor([True, True, False]).expand(4000, 3))
+    torch.manual_seed(0)
+    z = q.sample().squeeze(-1)
+    frac = (z > 0).float().mean().item()
+    assert abs(frac - 0.5) < 4 * (0.25 / 4000) ** 0.5
+    assert (z.abs() < 12).all()  # never the masked-out expert at 50
+    torch.testing.assert_close(q.mean, torch.zeros(4000, 1))  # the average of the given means
+    with pytest.raises(ValueError, match="no expert to mix"):
+        mixture_of_experts(mu[:1], lv[:1], torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_make_fusion_from_names_mappings_and_overrides():
+    assert make_fusion("moe") == FUSIONS["moe"] and make_fusion("moe").conditional == "mixture"
+    f = make_fusion({"name": "mopoe", "prior_expert": "every", "subsets": None, "subset_strategy": "enumerate"})
+    assert (f.prior_expert, f.subsets, f.subset_strategy) == ("every", "all", "enumerate")
+    assert make_fusion("mopoe", prior_expert=False).prior_expert == "none"  # bools: True every, False none
+    custom = make_fusion({"name": "tempered", "combine": lambda mu, lv, mask, prior: poe(mu, lv + 1.0, mask, prior)})
+    assert custom.prior_expert == "full" and custom.subsets == "all"  # an unnamed fusion starts from the defaults
+    with pytest.raises(ValueError, match="unknown fusion 'pie'"):
+        make_fusion("pie")
+    with pytest.raises(ValueError, match="unknown fusion settings \\['prior'\\]"):
+        make_fusion({"name": "mopoe", "prior": "full"})
+    with pytest.raises(ValueError, match="unknown prior expert placement"):
+        Fusion("x", prior_expert="sometimes")
+    with pytest.raises(ValueError, match="unknown fusion product rule"):
+        Fusion("x", combine="sum")
+    with pytest.raises(ValueError, match="unknown conditional"):
+        Fusion("x", conditional="poe")

@@ -11,7 +11,8 @@ from torch import nn
 from pyro_diffmvae.fusion import poe, subset_family
 from pyro_diffmvae.likelihoods import ScoreMatchingLikelihood
 from pyro_diffmvae.modality import DiffusionDecoder, FeedForwardDecoder, Modality
-from pyro_diffmvae.model import MultimodalVAE, elbo_terms
+from pyro_diffmvae.model import MultimodalVAE
+from pyro_diffmvae.objectives import elbo_terms
 
 D = 2
 W = {"a": torch.tensor([1.5, -0.7]), "b": torch.tensor([0.4, 2.0]), "c": torch.tensor([-1.0, 1.0])}
@@ -76,10 +77,13 @@ def closed_form_elbo(x, q_mu, q_var, names):
     return ell - kl
 
 
-def subset_posterior(x, subset, shift=0.0):
+def subset_posterior(x, subset, shift=0.0, prior=None):
+    """PoE of the exact experts of ``subset``; the prior expert only in the product of all three
+    modalities (MoPoE as published, and PoE over the full set) unless ``prior`` says otherwise."""
+    prior = len(set(subset)) == 3 if prior is None else prior
     mu = torch.stack([(x[m] - BIAS[m]) / W[m] + shift for m in subset], -2)
     lv = torch.stack([torch.log(S[m] ** 2 / W[m] ** 2).expand_as(x[m]) for m in subset], -2)
-    m, lv = poe(mu, lv, prior_expert=True)
+    m, lv = poe(mu, lv, prior_expert=prior)
     return m, lv.exp()
 
 
@@ -272,7 +276,7 @@ def test_latents_are_computed_in_at_least_float32():
     assert q.mean.dtype == torch.float32
     # the fusion of the bf16-rounded experts, computed in float32
     low = {n: tuple(t.to(torch.bfloat16).float() for t in vae.modalities[n].encoder.expert(x[n])) for n in "ac"}
-    tau = 1 + sum(torch.exp(-low[n][1]) for n in "ac")
+    tau = sum(torch.exp(-low[n][1]) for n in "ac")  # MoPoE: no prior expert in a proper subset's product
     torch.testing.assert_close(q.mean, sum(torch.exp(-low[n][1]) * low[n][0] for n in "ac") / tau, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(q.variance, 1 / tau, rtol=1e-6, atol=1e-6)
 

@@ -62,7 +62,7 @@ def test_sbm_stage1_elbo_is_the_sum_of_unimodal_elbos_by_hand():
 
 def test_elbo_terms_sum_the_kl_of_every_latent_site():
     """elbo_terms on the two-stage program: elbo = Σ loglik − β·kl with kl the sum over the M sites."""
-    from pyro_diffmvae.model import elbo_terms
+    from pyro_diffmvae.objectives import elbo_terms
 
     vae = make_vae("vae")
     batch = {n: torch.randn(4, X) for n in NAMES}

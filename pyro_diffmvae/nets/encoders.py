@@ -2,7 +2,8 @@
 
 Every encoder returns the parameters of a diagonal Gaussian expert q(z | x^m) = N(mu, diag exp(logvar)),
 each of shape ``(batch, latent_dim)``. The log-variance is soft-clamped to [-logvar_bound, logvar_bound]
-(``bound * tanh(h / bound)``) so that a single bad step cannot produce an infinite precision in the PoE.
+(``bound * tanh(h / bound)``) so that a single bad step cannot produce an infinite precision in the PoE;
+``logvar_bound=None`` leaves it unclamped (as the MoPoE authors' PolyMNIST encoders are).
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ from torch import nn
 __all__ = ["ConvEncoder", "MLPEncoder", "TokenEncoder"]
 
 
-def _split(h: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(h: torch.Tensor, bound: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     mu, logvar = h.chunk(2, dim=-1)
-    return mu, bound * torch.tanh(logvar / bound)
+    return mu, logvar if bound is None else bound * torch.tanh(logvar / bound)
 
 
 class ConvEncoder(nn.Module):
     """Strided-conv encoder for ``(C, S, S)`` images: ``num_downsamples`` stride-2 convs, then a linear head."""
 
     def __init__(self, in_channels: int, image_size: int, latent_dim: int, width: int = 32,
-                 num_downsamples: int = 3, logvar_bound: float = 10.0):
+                 num_downsamples: int = 3, logvar_bound: float | None = 10.0):
         super().__init__()
         layers, ch, size = [], in_channels, image_size
         for i in range(num_downsamples):
@@ -43,7 +44,7 @@ class ConvEncoder(nn.Module):
 class MLPEncoder(nn.Module):
     """MLP encoder for flat vectors (e.g. attribute vectors)."""
 
-    def __init__(self, in_dim: int, latent_dim: int, hidden: int = 256, logvar_bound: float = 10.0):
+    def __init__(self, in_dim: int, latent_dim: int, hidden: int = 256, logvar_bound: float | None = 10.0):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 2 * latent_dim))
@@ -57,7 +58,7 @@ class TokenEncoder(nn.Module):
     """Encoder for fixed-length token sequences: embeddings, a 1-D conv, mean-pool and a linear head."""
 
     def __init__(self, vocab_size: int, length: int, latent_dim: int, embed_dim: int = 64, hidden: int = 256,
-                 logvar_bound: float = 10.0):
+                 logvar_bound: float | None = 10.0):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.position = nn.Parameter(torch.zeros(length, embed_dim))

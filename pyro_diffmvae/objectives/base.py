@@ -1,0 +1,89 @@
+r"""The objective protocol: one object says what trains a model, what is logged, and how it generates.
+
+Every training objective — the subset ELBO through Pyro's ELBOs (:class:`~pyro_diffmvae.objectives.ELBO`)
+and each baseline — is an :class:`Objective`:
+
+* :meth:`Objective.loss` — the quantity to **minimise**, summed over the examples of the batch
+  (the Lightning module and :func:`~pyro_diffmvae.training.fit_svi` divide it by the batch size);
+  ``objective(vae, batch)`` is the same;
+* :meth:`Objective.terms` — its named parts for logging, each a mean over the batch, always with
+  ``"loss"`` (per example; the value validation reports and checkpoint selection monitors) and,
+  for the subset ELBO, ``"elbo"``, ``"kl"`` and ``"loglik/<modality>"``;
+* :meth:`Objective.is_bound` — whether :math:`-\text{loss}` is (an unbiased estimate of) a lower
+  bound on :math:`\log p(x)` for this model;
+* :meth:`Objective.conditional` — the conditional :math:`q(z\mid x_A)` the trained model generates
+  from given a subset :math:`A` (PoE for the PoE/MoPoE family, the mixture of the given experts
+  for MMVAE and MMVAE+). Training sets it on the model (``vae.conditional``), so that
+  ``vae.posterior`` / ``vae.generate`` — and so coherence, the latent probe and the figures —
+  use the conditional of the objective that trained it.
+
+A subclass implements :meth:`per_example` (a dict of ``(B,)`` tensors holding ``"loss"`` and any
+parts); :meth:`loss` and :meth:`terms` follow from it. An objective needs nothing else from the
+package: see ``docs/extending.md`` for a new one in a file of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import pyro.distributions as dist
+import torch
+
+from ..fusion import mixture_of_experts, poe
+
+__all__ = ["Objective", "product_of_experts_posterior", "mixture_of_experts_posterior", "weights_are_unit"]
+
+
+class Objective:
+    """Base class of training objectives (module docstring). Subclasses set :attr:`name` and
+    implement :meth:`per_example` (or override :meth:`loss` and :meth:`terms` together)."""
+
+    name = "objective"
+
+    def per_example(self, vae, batch: Mapping) -> dict[str, torch.Tensor]:
+        """``{"loss": (B,), <part>: (B,), ...}``: the loss to minimise and its parts, per example."""
+        raise NotImplementedError(f"{type(self).__name__} must implement per_example(vae, batch)")
+
+    def loss(self, vae, batch: Mapping) -> torch.Tensor:
+        """The quantity to minimise, summed over the batch (differentiable)."""
+        return self.per_example(vae, batch)["loss"].sum()
+
+    def __call__(self, vae, batch: Mapping) -> torch.Tensor:
+        return self.loss(vae, batch)
+
+    def terms(self, vae, batch: Mapping) -> dict[str, torch.Tensor]:
+        """The named parts, each averaged over the batch; ``"loss"`` is the loss per example."""
+        return {key: value.mean() for key, value in self.per_example(vae, batch).items()}
+
+    def is_bound(self, vae) -> bool:
+        """Whether −loss / B estimates a lower bound on log p(x) for ``vae`` (default: no)."""
+        return False
+
+    def conditional(self, vae, batch: Mapping, given: Sequence[str]) -> dist.TorchDistribution:
+        """q(z | x_given) for generation (default: the model's fusion, ``vae.fusion_posterior``)."""
+        return vae.fusion_posterior(batch, given)
+
+
+def product_of_experts_posterior(vae, batch: Mapping, given: Sequence[str], prior_expert: bool) -> dist.TorchDistribution:
+    """The PoE of the given observed experts (with the prior expert N(0, I) when ``prior_expert``),
+    batch shape ``(B,)``: the conditional of MVAE and MVTCAE."""
+    mu, logvar, mask = vae.given_experts(batch, given)
+    if not prior_expert and not mask.any(-1).all():
+        raise ValueError(f"some examples observe none of the given modalities {list(given)}")
+    mu_z, logvar_z = poe(mu, logvar, mask, prior_expert)
+    return dist.Normal(mu_z, torch.exp(0.5 * logvar_z)).to_event(1)
+
+
+def mixture_of_experts_posterior(vae, batch: Mapping, given: Sequence[str]) -> dist.TorchDistribution:
+    """The uniform mixture of the given observed experts, batch shape ``(B,)``: a draw picks one
+    given modality's expert uniformly, as MMVAE's and MMVAE+'s code condition on several modalities."""
+    mu, logvar, mask = vae.given_experts(batch, given)
+    return mixture_of_experts(mu, logvar, mask)
+
+
+def weights_are_unit(vae, beta: float) -> bool:
+    """β = 1, every likelihood weight λ_m = 1 and every decoder's ``log_prob`` a log-likelihood or a
+    lower bound on it (a diffusion decoder's ``is_bound``): the conditions under which an
+    importance-weighted or variational objective bounds log p(x)."""
+    return beta == 1.0 and all(
+        m.weight == 1.0 and bool(getattr(m.decoder, "is_bound", True)) for m in vae.modalities.values())
