@@ -14,7 +14,7 @@ from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior, LatentUNet, collect_latents
 from .samplers import SAMPLERS, sample, sample_ddim, sample_probability_flow, sample_reverse_sde
 from .sde import VPSDE
-from .train import DiffMVAEModule, fit_svi, make_trainer
+from .training import DiffMVAEModule, fit_svi, make_trainer
 from .weighting import WEIGHTINGS, get_weighting, likelihood_weighting, simple_weighting, unit_weighting
 
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .caption_codec import OptimusCaptionCodec
 from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
 from .fusion import Fusion, make_fusion
 from .model import MultimodalVAE
@@ -37,7 +38,6 @@ from .nets.encoders import ConvEncoder, MLPEncoder, TokenEncoder
 from .nets.text import (
     BertTextEncoder,
     GPT2TextDecoder,
-    OptimusCaptionCodec,
     OptimusCaptionDecoder,
     OptimusCaptionEncoder,
     TokenSequenceDecoder,

@@ -45,8 +45,9 @@ from torch import nn
 
 from .fusion import FUSIONS, SUBSET_STRATEGIES, Fusion, SubsetFamily, make_fusion, subset_family, subset_weights
 from .modality import Modality
+from .objectives.subset_elbo import elbo_terms  # re-exported: it lived here before objectives/ held it
 
-__all__ = ["MultimodalVAE", "FUSIONS", "SUBSET_STRATEGIES", "Conditional"]
+__all__ = ["MultimodalVAE", "FUSIONS", "SUBSET_STRATEGIES", "Conditional", "elbo_terms"]
 
 RESERVED_KEYS = ("available", "meta")
 
@@ -217,11 +218,14 @@ class MultimodalVAE(PyroModule):
             return torch.ones(available.shape[0], 1, device=available.device)
         return subset_weights(self.subsets, available, self.base_subset_weights)
 
-    def _subset_masks(self, available: torch.Tensor) -> torch.Tensor:
-        """Expert masks per subset, ``(K, B, M)``."""
+    def subset_masks(self, available: torch.Tensor) -> torch.Tensor:
+        """The experts of each subset's product per example, ``(K, B, M)``. A subset an example lacks
+        (ω = 0: masked out of the ELBO) gets the example's observed set, so that no product is empty."""
         if self.per_example_full:
             return available[None]
-        return self.subsets[:, None, :] & available[None]
+        masks = self.subsets[:, None, :] & available[None]
+        lacking = (self.subsets[:, None, :] & ~available[None]).any(-1)  # (K, B)
+        return torch.where(lacking[..., None], available[None], masks)
 
     @contextmanager
     def _subset_context(self, weights: torch.Tensor):
@@ -263,13 +267,12 @@ class MultimodalVAE(PyroModule):
         data, available, B = self.parse_batch(batch)
         mu, logvar = self.experts(data, available)
         weights = self.subset_weights(available)
-        masks = self._subset_masks(available)  # (K, B, M)
+        masks = self.subset_masks(available)  # (K, B, M)
         if self.subset_strategy == "sample":
             k = torch.multinomial(weights, 1).squeeze(-1)  # plain torch randomness, not a Pyro site
             expert_mask = masks[k, torch.arange(B, device=k.device)]
             mu_z, logvar_z = self.fusion.product(mu, logvar, expert_mask)
-        else:  # subsets an example lacks (ω = 0, masked out) get its observed set: never an empty product
-            masks = torch.where((weights.T > 0)[..., None], masks, available[None])
+        else:
             mu_z, logvar_z = self.fusion.product(mu.unsqueeze(0), logvar.unsqueeze(0), masks)
         # the drawn subsets (sample strategy) are recorded in the site's infer dict for inspection
         infer = {"subset_index": k} if self.subset_strategy == "sample" else {}

@@ -26,10 +26,12 @@ from .likelihoods import ScoreMatchingLikelihood
 from .nets.unet import ConditionalUNet
 from .sde import VPSDE
 
-__all__ = ["LatentScorePrior", "LatentMLP", "LatentUNet", "collect_latents"]
+__all__ = ["LatentScorePrior", "LatentMLP", "LatentUNet", "collect_latents", "sinusoidal_embedding"]
 
 
-def _sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of times ``t (n,)`` → ``(n, 2 * (dim // 2))``: ``[sin(1000 t ω_k), cos(1000 t ω_k)]``
+    at the geometric frequencies ``ω_k = 10000^(-k / (dim // 2))``."""
     half = dim // 2
     freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
     args = 1000.0 * t[:, None] * freqs[None]
@@ -51,7 +53,7 @@ class LatentMLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, latent_dim))
 
     def embed_time(self, t: torch.Tensor) -> torch.Tensor:
-        return self.time_mlp(_sinusoid(t, self.time_dim))
+        return self.time_mlp(sinusoidal_embedding(t, self.time_dim))
 
     def forward(self, z_t: torch.Tensor, cond, t: torch.Tensor) -> torch.Tensor:
         emb = self.embed_time(t)

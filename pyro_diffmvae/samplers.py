@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 import torchsde
 
-from .sde import VPSDE, _right_pad
+from .sde import VPSDE, right_pad
 
 __all__ = ["SAMPLERS", "sample", "sample_reverse_sde", "sample_probability_flow", "sample_ddim"]
 
@@ -62,7 +62,7 @@ def _denoise(eps_net: EpsNet, x: torch.Tensor, z, t: float, sde: VPSDE) -> torch
     """Tweedie's estimate of x_0 from x_t: (x_t - σ_t ε̂) / α_t."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
     eps = eps_net(x, z, tt)
-    return (x - _right_pad(sde.sigma(tt), x) * eps) / _right_pad(sde.alpha(tt), x)
+    return (x - right_pad(sde.sigma(tt), x) * eps) / right_pad(sde.alpha(tt), x)
 
 
 class _ReverseVPSDE(torch.nn.Module):
@@ -259,12 +259,12 @@ def sample_ddim(
         tt = torch.full((shape[0],), t, device=x.device, dtype=x.dtype)
         eps = eps_net(x, z, tt)
         alpha, sigma = sde.alpha(tt), sde.sigma(tt)
-        x0_hat = (x - _right_pad(sigma, x) * eps) / _right_pad(alpha, x)
+        x0_hat = (x - right_pad(sigma, x) * eps) / right_pad(alpha, x)
         if x0_range is not None:
             x0_hat = x0_hat.clamp(*x0_range)
-            eps = (x - _right_pad(alpha, x) * x0_hat) / _right_pad(sigma, x)
+            eps = (x - right_pad(alpha, x) * x0_hat) / right_pad(sigma, x)
         tn = torch.full_like(tt, t_next)
-        x = _right_pad(sde.alpha(tn), x) * x0_hat + _right_pad(sde.sigma(tn), x) * eps
+        x = right_pad(sde.alpha(tn), x) * x0_hat + right_pad(sde.sigma(tn), x) * eps
         if callback is not None:
             callback(i + 1, steps)
     if denoise:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VPSDE"]
+__all__ = ["VPSDE", "right_pad"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -113,7 +113,7 @@ class VPSDE:
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         r"""Forward drift :math:`f(x, t) = -\tfrac12\beta(t) x`; ``t`` broadcasts over ``x``'s batch dim."""
         beta = self.beta(_as_time(t, x))
-        return -0.5 * _right_pad(beta, x) * x
+        return -0.5 * right_pad(beta, x) * x
 
     def diffusion(self, t):
         r"""Forward diffusion coefficient :math:`g(t) = \sqrt{\beta(t)}`."""
@@ -129,11 +129,11 @@ class VPSDE:
         t = _as_time(t, x0)
         if noise is None:
             noise = torch.randn_like(x0)
-        return _right_pad(self.alpha(t), x0) * x0 + _right_pad(self.sigma(t), x0) * noise
+        return right_pad(self.alpha(t), x0) * x0 + right_pad(self.sigma(t), x0) * noise
 
     def score_from_eps(self, eps: torch.Tensor, t) -> torch.Tensor:
         r"""Score of an ε-parameterised model: :math:`s = -\hat\epsilon / \sigma_t`."""
-        return -eps / _right_pad(self.sigma(_as_time(t, eps)), eps)
+        return -eps / right_pad(self.sigma(_as_time(t, eps)), eps)
 
     # ------------------------------------------------------- bound constants
     def prior_nll(self, x0: torch.Tensor, event_dim: int) -> torch.Tensor:
@@ -210,7 +210,7 @@ class VPSDE:
         raise ValueError(f"unknown time sampling method {method!r}; known: 'uniform', 'importance'")
 
 
-def _right_pad(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def right_pad(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Append singleton dims to ``v`` (shape = x's leading dims) so it broadcasts over ``x``."""
     if v.dim() == 0:
         return v

@@ -71,7 +71,7 @@ from .fusion import Fusion
 from .model import MultimodalVAE
 from .modality import Modality
 from . import samplers as _samplers
-from .prior import LatentMLP, LatentScorePrior, _sinusoid
+from .prior import LatentMLP, LatentScorePrior, sinusoidal_embedding
 from .sde import VPSDE
 
 __all__ = ["TwoStageVAE", "JointLatentDiffusion", "MultiTimeLatentMLP", "STAGE1", "MODES"]
@@ -97,7 +97,7 @@ class MultiTimeLatentMLP(LatentMLP):
         B = tau.shape[0] if tau.dim() else 1
         if tau.dim() <= 1:
             tau = tau.reshape(-1, 1).expand(B, self.M)
-        emb = _sinusoid(tau.reshape(-1), self.block_time_dim).reshape(tau.shape[0], self.M * self.block_time_dim)
+        emb = sinusoidal_embedding(tau.reshape(-1), self.block_time_dim).reshape(tau.shape[0], self.M * self.block_time_dim)
         return self.time_mlp(emb)
 
 

@@ -31,7 +31,7 @@ def test_every_config_group_option_composes_and_builds(group, option):
         pytest.skip(f"the CUB vocabulary is built from the captions under {cfg.dataset.root}, which is absent")
     vae = build_model(cfg)
     assert vae.latent_dim == cfg.model.latent_dim
-    assert vae.fusion == ("two_stage" if cfg.model.get("two_stage") else cfg.fusion.name)
+    assert vae.fusion.name == ("two_stage" if cfg.model.get("two_stage") else cfg.fusion.name)
     assert vae.names == list(cfg.dataset.modalities)
     if not cfg.model.diffusion_decoders:  # MoPoE: every decoder feed-forward
         assert not any(m.is_diffusion for m in vae.modalities.values())
@@ -96,7 +96,8 @@ def test_app_errors(tmp_path):
 
 @pytest.mark.parametrize("model", ["mvae", "mmvae", "mvtcae", "mmvae_plus"])
 def test_baseline_models_train_with_their_objective(tmp_path, model):
-    from pyro_diffmvae.objectives import OBJECTIVES, build_objective
+    from pyro_diffmvae.builders import build_objective
+    from pyro_diffmvae.objectives import OBJECTIVES
 
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
         cfg = compose("config", overrides=[f"model={model}", "experiment=tiny"])

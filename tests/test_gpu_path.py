@@ -146,13 +146,16 @@ def record_encoder_outputs(vae):
     return outputs
 
 
-def hand_poe(mu, logvar, mask, prior_expert):
+def hand_poe(mu, logvar, mask, placement):
     r"""The Gaussian product by its definition, in float64: precision :math:`\tau = [1] + \sum_m
     \mathbb 1_m e^{-\log\sigma_m^2}`, mean :math:`\tau^{-1}\sum_m \mathbb 1_m e^{-\log\sigma_m^2}\mu_m`.
-    ``mu, logvar (B, M, D)``, ``mask (B, M)``; returns ``(mean, log-variance)``."""
+    ``mu, logvar (B, M, D)``, ``mask (B, M)``; the prior expert's 1 where ``placement`` puts it
+    (``every`` product, only the ``full`` one, or ``none``); returns ``(mean, log-variance)``."""
     mu, logvar, m = mu.double(), logvar.double(), mask.double()[..., None]
     precisions = m * torch.exp(-logvar)
-    tau = precisions.sum(-2) + (1.0 if prior_expert else 0.0)
+    prior = {"every": torch.ones_like(mask[..., 0]), "none": torch.zeros_like(mask[..., 0]),
+             "full": mask.all(-1)}[placement].double()[..., None]
+    tau = precisions.sum(-2) + prior
     return (precisions * mu).sum(-2) / tau, -torch.log(tau)
 
 
@@ -195,7 +198,7 @@ def test_bf16_autocast_guide_latents_are_float32_and_match_the_fp32_fusion(strat
     data, available, B = vae.parse_batch(batch)
     mu = torch.stack([outputs[n][0].float() for n in vae.names], -2)
     logvar = torch.stack([outputs[n][1].float() for n in vae.names], -2)
-    masks = vae._subset_masks(available)  # (K, B, M)
+    masks = vae.subset_masks(available)  # (K, B, M)
     if strategy == "sample":
         masks = masks[site["infer"]["subset_index"], torch.arange(B)]
     ref_mu, ref_logvar = hand_poe(mu, logvar, masks, vae.prior_expert)

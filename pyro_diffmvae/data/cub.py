@@ -52,7 +52,7 @@ from the training captions of the same root, never from the test captions.
 **Optimus text VAE** (BERT encoder + GPT-2 decoder, :mod:`pyro_diffmvae.nets.text`): the word-level
 ids mean nothing to those models, so :class:`OptimusCaptions` wraps a split and replaces ``"text"``
 by the example's caption line (:meth:`CUBImageCaptionDataset.caption_text`, case and punctuation
-kept) tokenised by both tokenisers (:class:`~pyro_diffmvae.nets.text.OptimusCaptionCodec`).
+kept) tokenised by both tokenisers (:class:`~pyro_diffmvae.caption_codec.OptimusCaptionCodec`).
 """
 
 from __future__ import annotations
@@ -591,7 +591,7 @@ class OptimusCaptions(Dataset):
     The word-level ids of :class:`Vocabulary` mean nothing to BERT or GPT-2, so each example's
     caption — the exact line its ``meta`` names (:meth:`CUBImageCaptionDataset.caption_text`), case
     and punctuation kept — is tokenised again by ``codec.encode`` (a
-    :class:`~pyro_diffmvae.nets.text.OptimusCaptionCodec`: BERT word pieces for the encoder,
+    :class:`~pyro_diffmvae.caption_codec.OptimusCaptionCodec`: BERT word pieces for the encoder,
     ``<bos> GPT-2 tokens <eos>`` for the decoder, packed into one int64 vector ``(4 L,)``).
     ``"image"`` and ``"meta"`` are the base data set's; every other attribute (``image_ids``,
     ``class_ids``, ``captions``, ``vocab``, ``caption_text`` ...) is read from ``base``.

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from ..nets.text import require_transformers
+from ..transformers_local import require_transformers
 
 __all__ = ["CLIPScore", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_scores"]
 

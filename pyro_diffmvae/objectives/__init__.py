@@ -48,7 +48,8 @@ code they follow.
 
 from __future__ import annotations
 
-from .base import Objective, mixture_of_experts_posterior, product_of_experts_posterior, weights_are_unit
+from .base import (CallableObjective, Objective, as_objective, mixture_of_experts_posterior,
+                   product_of_experts_posterior, weights_are_unit)
 from .gaussian import ESTIMATORS
 from .mmvae import MMVAE
 from .mmvae_plus import MMVAEPlus
@@ -59,6 +60,8 @@ from ..nets.mmvae_plus import PrivateLatentDecoder, SharedPrivateEncoder  # re-e
 
 __all__ = [
     "Objective",
+    "CallableObjective",
+    "as_objective",
     "OBJECTIVES",
     "ESTIMATORS",
     "make_objective",

@@ -31,7 +31,8 @@ import torch
 
 from ..fusion import mixture_of_experts, poe
 
-__all__ = ["Objective", "product_of_experts_posterior", "mixture_of_experts_posterior", "weights_are_unit"]
+__all__ = ["Objective", "CallableObjective", "as_objective", "product_of_experts_posterior",
+           "mixture_of_experts_posterior", "weights_are_unit"]
 
 
 class Objective:
@@ -62,6 +63,31 @@ class Objective:
     def conditional(self, vae, batch: Mapping, given: Sequence[str]) -> dist.TorchDistribution:
         """q(z | x_given) for generation (default: the model's fusion, ``vae.fusion_posterior``)."""
         return vae.fusion_posterior(batch, given)
+
+
+class CallableObjective(Objective):
+    """A plain ``loss(vae, batch) -> Tensor`` (summed over the batch) as an :class:`Objective`: its
+    only term is ``"loss"``, it claims no bound, and generation uses the model's fusion."""
+
+    def __init__(self, loss, name: str | None = None):
+        if not callable(loss):
+            raise TypeError(f"an objective must be an Objective or a callable (vae, batch) -> loss, got {type(loss).__name__}")
+        self.fn = loss
+        self.name = name or getattr(loss, "__name__", "callable")
+
+    def loss(self, vae, batch: Mapping) -> torch.Tensor:
+        return self.fn(vae, batch)
+
+    def terms(self, vae, batch: Mapping) -> dict[str, torch.Tensor]:
+        return {"loss": self.fn(vae, batch) / vae.parse_batch(batch)[2]}
+
+    def __repr__(self):
+        return f"CallableObjective({self.name})"
+
+
+def as_objective(objective) -> Objective:
+    """``objective`` itself when it is an :class:`Objective`, else a :class:`CallableObjective` of it."""
+    return objective if isinstance(objective, Objective) else CallableObjective(objective)
 
 
 def product_of_experts_posterior(vae, batch: Mapping, given: Sequence[str], prior_expert: bool) -> dist.TorchDistribution:
