@@ -46,9 +46,10 @@ from .nets.text import (
 from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior
 from .sde import VPSDE
+from .weighting import Weighting
 
 __all__ = ["DATASETS", "TEXT_NETS", "build_datasets", "build_model", "build_latent_prior", "build_fusion",
-           "build_objective", "objective_name", "cub_vocabulary", "modality_specs", "optimus_codec"]
+           "build_objective", "build_weighting", "objective_name", "cub_vocabulary", "modality_specs", "optimus_codec"]
 
 DATASETS = ("shapes", "polymnist", "celebamask_hq", "cub")
 TEXT_NETS = ("tokens", "optimus")
@@ -250,7 +251,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
         )
         diff = m.diffusion
         return DiffusionDecoder(
-            unet, shape, VPSDE(beta_min=diff.beta_min, beta_max=diff.beta_max), weighting=cfg.weighting.name,
+            unet, shape, VPSDE(beta_min=diff.beta_min, beta_max=diff.beta_max), weighting=build_weighting(cfg),
             prediction=diff.prediction,
             num_draws=diff.num_draws, time_sampling=cfg.weighting.time_sampling,
             sampler=diff.sampler, sampler_steps=diff.sampler_steps, output_range=(-1.0, 1.0),
@@ -364,6 +365,25 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def _looked_up(node, where: str):
+    """The callable a ``{_target_: module.name}`` mapping names, looked up and not called."""
+    node = _plain(node)
+    if not (isinstance(node, Mapping) and "_target_" in node) or len(node) != 1:
+        raise ValueError(f"{where} must be a mapping with only a _target_ naming a callable, got {node!r}")
+    from hydra.utils import get_method
+
+    return get_method(node["_target_"])
+
+
+def build_weighting(cfg: DictConfig) -> Weighting:
+    """The weighting λ(t) of the ``weighting`` config group: ``cfg.weighting.fn`` when given (a
+    mapping ``{_target_: module.function}`` naming a user's ``λ(t, sde)``, looked up, not called),
+    else the named weighting ``cfg.weighting.name`` of :data:`~pyro_diffmvae.weighting.WEIGHTINGS`."""
+    w = cfg.weighting
+    fn = w.get("fn", None)
+    return w.name if fn is None else _looked_up(fn, "weighting.fn")
+
+
 def build_fusion(cfg: DictConfig) -> Fusion:
     """The :class:`~pyro_diffmvae.fusion.Fusion` of the ``fusion`` config group.
 
@@ -389,11 +409,7 @@ def build_fusion(cfg: DictConfig) -> Fusion:
     settings = {k: _plain(v) for k, v in f.items()}
     combine = settings.get("combine")
     if isinstance(combine, Mapping):
-        if "_target_" not in combine:
-            raise ValueError(f"fusion.combine must be a name or a mapping with a _target_, got {combine}")
-        from hydra.utils import get_method
-
-        settings["combine"] = get_method(combine["_target_"])
+        settings["combine"] = _looked_up(combine, "fusion.combine")
     model = cfg.model
     if "prior_expert" not in f and "prior_expert" in model:  # a run stored before the fusion group held it
         legacy = model.prior_expert
