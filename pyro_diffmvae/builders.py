@@ -366,18 +366,23 @@ def _plain(node):
 
 
 def _looked_up(node, where: str):
-    """The callable a ``{_target_: module.name}`` mapping names, looked up and not called."""
-    node = _plain(node)
-    if not (isinstance(node, Mapping) and "_target_" in node) or len(node) != 1:
-        raise ValueError(f"{where} must be a mapping with only a _target_ naming a callable, got {node!r}")
-    from hydra.utils import get_method
+    """The callable a ``{_target_: module.name, **params}`` mapping names: the callable itself when
+    there are no params, else ``functools.partial(callable, **params)`` (hydra ``_partial_``); never
+    called here."""
+    plain = _plain(node)
+    if not (isinstance(plain, Mapping) and "_target_" in plain):
+        raise ValueError(f"{where} must be a mapping with a _target_ naming a callable, got {plain!r}")
+    from hydra.utils import get_method, instantiate
 
-    return get_method(node["_target_"])
+    if len(plain) == 1:
+        return get_method(plain["_target_"])
+    return instantiate(node, _partial_=True)
 
 
 def build_weighting(cfg: DictConfig) -> Weighting:
     """The weighting λ(t) of the ``weighting`` config group: ``cfg.weighting.fn`` when given (a
-    mapping ``{_target_: module.function}`` naming a user's ``λ(t, sde)``, looked up, not called),
+    mapping ``{_target_: module.function, **params}`` naming a user's ``λ(t, sde, **params)``, looked
+    up, not called),
     else the named weighting ``cfg.weighting.name`` of :data:`~pyro_diffmvae.weighting.WEIGHTINGS`."""
     w = cfg.weighting
     fn = w.get("fn", None)
