@@ -15,7 +15,7 @@ weighted denoising score-matching (DSM) loss (paper eq. 2), estimated by Monte C
 
 With :math:`\lambda = g^2` and :math:`C(x) = \tfrac d2\log2\pi + \tfrac12(\alpha_T^2\|x\|^2 +
 d\sigma_T^2) - \tfrac d2\log(\sigma_T^2/\sigma_\epsilon^2)` its expectation is a *lower bound* on
-:math:`\log p_\theta(x\mid z)` (Song et al. 2021, Thm. 1; ``DESIGN.md`` §1), so the Pyro ELBO
+:math:`\log p_\theta(x\mid z)` (Song et al. 2021, Thm. 1; ``docs/design.md`` §1), so the Pyro ELBO
 built on it is a true ELBO. With any other weighting it is only a training objective; the
 :attr:`ScoreMatchingLikelihood.objective` string says which one an instance computes.
 """

@@ -13,7 +13,7 @@ the perturbation kernel is :math:`x_t \mid x_0 \sim \mathcal N(\alpha_t x_0, \si
 :math:`g^2(t) = \beta(t)`. The prior is :math:`\pi = \mathcal N(0, I)`.
 
 The score-matching bound of the diffusion decoder (paper eq. 2; Song et al. 2021, Thm. 1,
-specialised to the VP-SDE on :math:`[\epsilon, T]`, see ``DESIGN.md`` §1) is
+specialised to the VP-SDE on :math:`[\epsilon, T]`, see ``docs/design.md`` §1) is
 
 .. math::
 

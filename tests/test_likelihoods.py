@@ -20,7 +20,7 @@ def per_draw_nll(lik, x, n):
 
 
 def quadrature_bound(sde, x, mean, var, scale=1.0):
-    """The bound of DESIGN §1 for a linear predictor, by quadrature (float64)."""
+    """The bound of docs/design.md §1 for a linear predictor, by quadrature (float64)."""
     x = x.double().numpy()
     d = x.size
 

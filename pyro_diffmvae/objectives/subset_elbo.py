@@ -15,7 +15,7 @@ validates and logs follows.
 It is a lower bound on :math:`\log p(x)` when β = 1, every λ_m = 1 and every decoder's
 ``log_prob`` bounds its log-likelihood (a diffusion decoder with ``weighting="likelihood"``):
 each subset's term is an ELBO with :math:`q(z\mid x_A)` as the variational distribution, and a
-convex combination of lower bounds is one (design, :doc:`/design` §2).
+convex combination of lower bounds is one (``docs/design.md`` §1).
 """
 
 from __future__ import annotations

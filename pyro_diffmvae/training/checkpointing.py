@@ -158,12 +158,10 @@ def make_trainer(
     batches (``max_steps`` counts optimizer steps; each batch's loss is divided by this number, so the
     accumulated gradient is that of the mean loss over the batches).
     """
-    plugins = kwargs.pop("plugins", None)
-    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    plugins = _as_list(kwargs.pop("plugins", None))
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
-    callbacks = kwargs.pop("callbacks", None)
-    callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    callbacks = _as_list(kwargs.pop("callbacks", None))
     if (save_on_interrupt and kwargs.get("enable_checkpointing", True) is not False
             and not any(isinstance(c, SaveOnInterrupt) for c in callbacks)):
         callbacks.append(SaveOnInterrupt())
@@ -183,3 +181,8 @@ def make_trainer(
         callbacks=callbacks,
         **kwargs,
     )
+
+
+def _as_list(value) -> list:
+    """A Trainer argument that takes one item or a sequence, as a new list."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
