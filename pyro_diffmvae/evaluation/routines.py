@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 from ..data.registry import get_dataset
-from ..data.spec import DatasetSpec, ModalitySpec
+from ..data.spec import DatasetSpec, LabelSpec, ModalitySpec
 from ..figures import figure_captions, save_conditional_figure, save_unconditional_figure
 from ..metrics.f1 import sample_f1
 from ..model import MultimodalVAE
@@ -70,10 +70,13 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     return ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
 
 
-def _specs(cfg, names: Sequence[str]) -> tuple[DatasetSpec, dict[str, ModalitySpec]]:
+def _prepare(vae, cfg, train_set) -> tuple[list[str], DatasetSpec, dict[str, ModalitySpec], LabelSpec]:
+    """The model in eval mode; its modality names, the data set's spec, their modality specs and the labels."""
+    vae.eval()
+    names = list(vae.names)
     dataset = get_dataset(cfg)
     specs = dataset.modalities(cfg)
-    return dataset, {m: specs[m] for m in names}
+    return names, dataset, {m: specs[m] for m in names}, dataset.evaluation.labels(cfg, train_set)
 
 
 def _save_figures(out_dir: Path, truth, conditional, samples, names, cfg) -> None:
@@ -98,10 +101,7 @@ def _unconditional_samples(vae, cfg, num: int):
 def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figures: bool = True) -> dict:
     """The ``"labels"`` routine (module docstring)."""
     ev = cfg.evaluation
-    vae.eval()
-    names = list(vae.names)
-    dataset, specs = _specs(cfg, names)
-    spec = dataset.evaluation.labels(cfg, train_set)
+    names, dataset, specs, spec = _prepare(vae, cfg, train_set)
     n = min(ev.num_examples, len(test_set))
     truth = collate(test_set, range(n))
     labels = spec.labels_of(truth)
@@ -177,10 +177,7 @@ def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: 
 def evaluate_factors(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figures: bool = True) -> dict:
     """The ``"factors"`` routine (module docstring)."""
     ev = cfg.evaluation
-    vae.eval()
-    names = list(vae.names)
-    dataset, specs = _specs(cfg, names)
-    spec = dataset.evaluation.labels(cfg, train_set)
+    names, dataset, specs, spec = _prepare(vae, cfg, train_set)
     groups = dataset.evaluation.factor_groups
     n = min(ev.num_examples, len(test_set))
     # a DataLoader's iterator draws its base seed from the global RNG: the draws after it (and so the
