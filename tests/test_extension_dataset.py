@@ -70,7 +70,6 @@ def test_user_dataset_and_networks_train_evaluate_and_sample_through_the_apps(tm
     assert given_vector["label_coherence"] == pytest.approx(expected, abs=1e-12)
     assert given_vector["label_f1"] == pytest.approx(expected, abs=1e-12)  # one-hot winner vs one-hot truth
     assert given_vector["coherence"] == pytest.approx(expected, abs=1e-12)  # the only generated modality
-    assert "label_label_f1" not in given_vector  # read directly: its label F1 is label_f1
     assert set(cond["label"]) == {"vector_coherence", "coherence"}  # vector: read back, not binary
     by_k = metrics["coherence_by_num_given"]
     assert by_k == {"1": pytest.approx((expected + cond["label"]["vector_coherence"]) / 2)}
