@@ -42,7 +42,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 
 _TRAIN = "import sys; from pyro_diffmvae.cli import train_main; sys.argv[0] = 'diffmvae-train'; train_main()"
@@ -140,31 +140,48 @@ def _fd_name(runs: Mapping[str, list[dict]]) -> str:
     return "/".join(sorted(names)) or "FD"
 
 
-def table_columns(kind: str, runs: Mapping[str, list[dict]]) -> list[Column]:
+def _table1_cub(runs: Mapping[str, list[dict]]) -> list[Column]:
     fd = _fd_name(runs)
-    if kind == "table1_cub":
-        return [(f"image {fd} given text", _get("conditional", "text", f"image_{fd}")),
-                (f"image {fd} unconditional N(0,I)", _get("unconditional", "normal", f"image_{fd}")),
-                (f"image {fd} unconditional score prior", _get("unconditional", "score", f"image_{fd}")),
-                ("image class coherence given text", _get("conditional", "text", "image_coherence"))]
-    if kind == "table2_cub_clip":
-        return [("CLIP score image given text", _get("conditional", "text", "image_clip_score")),
-                ("CLIP score real test images (reference)", _get("reference", "real_images_clip_score")),
-                ("CLIP model", _clip_model)]
-    if kind == "table3_celebamask_hq":
-        given = sorted({g for seeds in runs.values() for m in seeds for g in m.get("conditional", {})})
-        cols: list[Column] = []
-        for g in given:
-            cols += [(f"attributes F1 given {g}", _get("conditional", g, "attributes_f1")),
-                     (f"mask F1 given {g}", _get("conditional", g, "mask_f1")),
-                     (f"image {fd} given {g}", _get("conditional", g, f"image_{fd}"))]
-        # keep the columns that some run has
-        return [c for c in cols if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
-    if kind == "polymnist_coherence":
-        return [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
-            ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
-            ("unconditional score prior", _get("unconditional", "score", "agreement"))]
-    raise ValueError(f"unknown table {kind!r}")
+    return [(f"image {fd} given text", _get("conditional", "text", f"image_{fd}")),
+            (f"image {fd} unconditional N(0,I)", _get("unconditional", "normal", f"image_{fd}")),
+            (f"image {fd} unconditional score prior", _get("unconditional", "score", f"image_{fd}")),
+            ("image class coherence given text", _get("conditional", "text", "image_coherence"))]
+
+
+def _table2_cub_clip(runs: Mapping[str, list[dict]]) -> list[Column]:
+    return [("CLIP score image given text", _get("conditional", "text", "image_clip_score")),
+            ("CLIP score real test images (reference)", _get("reference", "real_images_clip_score")),
+            ("CLIP model", _clip_model)]
+
+
+def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
+    fd = _fd_name(runs)
+    given = sorted({g for seeds in runs.values() for m in seeds for g in m.get("conditional", {})})
+    cols: list[Column] = []
+    for g in given:
+        cols += [(f"attributes F1 given {g}", _get("conditional", g, "attributes_f1")),
+                 (f"mask F1 given {g}", _get("conditional", g, "mask_f1")),
+                 (f"image {fd} given {g}", _get("conditional", g, f"image_{fd}"))]
+    # keep the columns that some run has
+    return [c for c in cols if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
+
+
+def _polymnist_coherence(runs: Mapping[str, list[dict]]) -> list[Column]:
+    return [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
+        ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
+        ("unconditional score prior", _get("unconditional", "score", "agreement"))]
+
+
+#: table name → its columns for the runs it is built from
+TABLE_COLUMNS: dict[str, Callable[[Mapping[str, list[dict]]], list[Column]]] = {
+    "table1_cub": _table1_cub, "table2_cub_clip": _table2_cub_clip,
+    "table3_celebamask_hq": _table3_celebamask_hq, "polymnist_coherence": _polymnist_coherence}
+
+
+def table_columns(kind: str, runs: Mapping[str, list[dict]]) -> list[Column]:
+    if kind not in TABLE_COLUMNS:
+        raise ValueError(f"unknown table {kind!r}")
+    return TABLE_COLUMNS[kind](runs)
 
 
 TABLES = {"table1_cub": "cub", "table2_cub_clip": "cub", "table3_celebamask_hq": "celebamask_hq",
@@ -237,23 +254,49 @@ def zoo_presets(dataset: str, models: Sequence[str]) -> list[str]:
     return presets
 
 
+def _zoo_coherence_columns(fd: str) -> list[Column]:
+    """The zoo columns of a labelled data set: coherence by number of given modalities."""
+    return [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
+
+
+def _zoo_factor_columns(fd: str) -> list[Column]:
+    """The zoo columns of the shapes scenes: per-factor accuracy read back by the classifier (chance 1/3,
+    the mean of 1/|factor|) and F1."""
+    return [("image factor acc given attributes", _get("conditional", "attributes", "image_factor_acc")),
+            ("image factor acc given mask", _get("conditional", "mask", "image_factor_acc")),
+            ("attributes F1 given image", _get("conditional", "image", "attributes_f1")),
+            ("mask F1 given attributes", _get("conditional", "attributes", "mask_f1"))]
+
+
+class ZooLayout(NamedTuple):
+    """The columns of a ``zoo_<dataset>`` table besides the budget and the unconditional coherence."""
+
+    columns: Callable[[str], list[Column]] = _zoo_coherence_columns  # fd name -> columns
+    mean_fd_all_but_one: bool = True  # the mean FD of the missing modality given all others
+    published: Mapping[str, str] | None = None  # model -> published coherences, a last column
+
+
+#: table name → its layout; a ``zoo_<dataset>`` table not named here has the default layout
+ZOO_LAYOUTS: dict[str, ZooLayout] = {
+    "zoo_shapes": ZooLayout(columns=_zoo_factor_columns, mean_fd_all_but_one=False),
+    "zoo_polymnist": ZooLayout(published=PUBLISHED_POLYMNIST),
+}
+
+
 def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str]) -> list[Path]:
     """``zoo_<dataset>.md/.csv``: one row per model (zoo order) with the budget it had, coherence by
     number of given modalities, unconditional coherence with N(0, I) and the latent score prior
-    (stage 2 for the two-stage models), and, for PolyMNIST, the published coherences."""
+    (stage 2 for the two-stage models), and, for PolyMNIST, the published coherences
+    (:data:`ZOO_LAYOUTS`)."""
     runs = collect(out)
     fd = _fd_name(runs)
+    table = f"zoo_{dataset}"
+    layout = ZOO_LAYOUTS.get(table, ZooLayout())
     columns: list[Column] = [("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
-    if dataset == "shapes":  # per-factor accuracy read back by the classifier: chance 1/3 (mean of 1/|factor|)
-        columns += [("image factor acc given attributes", _get("conditional", "attributes", "image_factor_acc")),
-                    ("image factor acc given mask", _get("conditional", "mask", "image_factor_acc")),
-                    ("attributes F1 given image", _get("conditional", "image", "attributes_f1")),
-                    ("mask F1 given attributes", _get("conditional", "attributes", "mask_f1"))]
-    else:
-        columns += [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
+    columns += layout.columns(fd)
     columns += [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
                 ("unconditional score prior", _get("unconditional", "score", "agreement"))]
-    if dataset != "shapes":
+    if layout.mean_fd_all_but_one:
         columns.append((f"mean {fd} given all but one", lambda m: _mean_fd_all_but_one(m, fd)))
     rows = []
     for model in models:
@@ -262,14 +305,14 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
             continue
         row = build_table({preset: runs[preset]}, columns)[0]
         row[0] = model
-        if dataset == "polymnist":
-            row.append(PUBLISHED_POLYMNIST.get(model, "–"))
+        if layout.published is not None:
+            row.append(layout.published.get(model, "–"))
         rows.append(row)
     if not rows:
         return []
-    header = ["model"] + [name for name, _ in columns] + (["published coherence 1/2/3/4 given"] if dataset == "polymnist" else [])
-    return _write_table(results, f"zoo_{dataset}",
-                        f"zoo_{dataset}: every model with one budget (mean ± std over seeds, number of seeds in brackets)",
+    header = ["model"] + [name for name, _ in columns] + (["published coherence 1/2/3/4 given"] if layout.published else [])
+    return _write_table(results, table,
+                        f"{table}: every model with one budget (mean ± std over seeds, number of seeds in brackets)",
                         header, rows, [f"Runs under {out}. The published numbers come from other budgets, backgrounds "
                                        "and classifiers: compare them for order of magnitude only."])
 

@@ -3,6 +3,12 @@
 Kept apart from :mod:`pyro_diffmvae.cli` so that notebooks and tests can build exactly what the
 command-line apps build: ``build_model(cfg)`` with ``cfg = compose(...)`` gives the same network.
 
+What a data set is (its splits, modalities, labels, evaluation) is its
+:class:`~pyro_diffmvae.data.spec.DatasetSpec`, looked up by :func:`~pyro_diffmvae.data.registry.get_dataset`
+(``cfg.dataset.name``, or a user's ``cfg.dataset.spec._target_``); the encoder and decoder networks of a
+modality come from :mod:`pyro_diffmvae.networks` (its network kind, or a user's
+``model.networks.<modality>.encoder`` / ``decoder`` ``_target_``).
+
 CUB captions have two kinds of text networks, ``model.text_nets``:
 
 * ``tokens`` (default): :class:`~pyro_diffmvae.nets.text.TokenSequenceEncoder` / ``Decoder`` on the
@@ -14,35 +20,26 @@ CUB captions have two kinds of text networks, ``model.text_nets``:
   :class:`~pyro_diffmvae.data.cub.OptimusCaptions`, which re-tokenises every caption with both
   tokenisers into the packed layout of :class:`~pyro_diffmvae.nets.text.OptimusCaptionCodec`.
 
-The CUB vocabulary and the Optimus tokenisers are read once per process, memoised by their folder
+The CUB vocabulary (:func:`~pyro_diffmvae.data.cub.cub_vocabulary`) and the Optimus tokenisers
+(:func:`~pyro_diffmvae.networks.optimus_codec`) are read once per process, memoised by their folder
 paths as given (a process that rewrites the captions under the same root must call
 ``cub_vocabulary.cache_clear()``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .caption_codec import OptimusCaptionCodec
-from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
+from .data.cub import cub_vocabulary
+from .data.registry import DATASETS, get_dataset
+from .modality import DiffusionDecoder, Modality
 from .fusion import Fusion, make_fusion
 from .model import MultimodalVAE
+from .networks import TEXT_NETS, build_decoder, build_encoder, optimus_codec, text_nets
 from .objectives import OBJECTIVES, Objective, make_objective
-from .nets.decoders import ConvDecoder, MLPDecoder, TokenDecoder
-from .nets.encoders import ConvEncoder, MLPEncoder, TokenEncoder
-from .nets.text import (
-    BertTextEncoder,
-    GPT2TextDecoder,
-    OptimusCaptionDecoder,
-    OptimusCaptionEncoder,
-    TokenSequenceDecoder,
-    TokenSequenceEncoder,
-)
 from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior
 from .sde import VPSDE
@@ -51,189 +48,33 @@ from .weighting import Weighting
 __all__ = ["DATASETS", "TEXT_NETS", "build_datasets", "build_model", "build_latent_prior", "build_fusion",
            "build_objective", "build_weighting", "objective_name", "cub_vocabulary", "modality_specs", "optimus_codec"]
 
-DATASETS = ("shapes", "polymnist", "celebamask_hq", "cub")
-TEXT_NETS = ("tokens", "optimus")
-
-
-def _check_dataset(cfg: DictConfig) -> str:
-    name = cfg.dataset.name
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
-    return name
-
 
 def build_datasets(cfg: DictConfig):
-    """``(train, val, test)`` data sets of ``cfg.dataset``."""
-    name = _check_dataset(cfg)
-    d = cfg.dataset
-    if name == "shapes":
-        from .data.shapes import ShapesDataset
-
-        common = dict(image_size=d.image_size, seed=d.seed, cache_dir=d.cache_dir, modalities=tuple(d.modalities))
-        return (
-            ShapesDataset("train", size=d.train_size, **common),
-            ShapesDataset("val", size=d.val_size, **common),
-            ShapesDataset("test", size=d.test_size, **common),
-        )
-    if name == "polymnist":
-        return _polymnist_datasets(d)
-    if name == "celebamask_hq":
-        from .data.celebamask_hq import CelebAMaskHQDataset
-
-        common = dict(image_size=d.image_size, modalities=tuple(d.modalities), attributes=tuple(d.attributes),
-                      cache_dir=d.cache_dir)
-        return tuple(CelebAMaskHQDataset(d.root, split, size=size, **common)
-                     for split, size in (("train", d.train_size), ("val", d.val_size), ("test", d.test_size)))
-    from .data.cub import CUBImageCaptionDataset, OptimusCaptions
-
-    common = dict(image_size=d.image_size, caption_length=d.caption_length, vocab=cub_vocabulary(d.root),
-                  cache_dir=d.cache_dir)
-    train = CUBImageCaptionDataset(d.root, "train", **common)
-    test = CUBImageCaptionDataset(d.root, "test", **common)
-    if _text_nets(cfg) == "optimus":
-        codec = optimus_codec(cfg)
-        train, test = OptimusCaptions(train, codec), OptimusCaptions(test, codec)
-    return train, test, test  # CUB has no official validation split: validation monitors the test split
-
-
-def _polymnist_datasets(d: DictConfig):
-    """PolyMNIST from ``d.root``; built there first from MNIST + backgrounds when ``d.build`` says so.
-
-    The published data set has train and test only; validation holds out the last ``val_size``
-    training examples.
-    """
-    from pathlib import Path
-
-    from torch.utils.data import Subset
-
-    from .data.polymnist import LAYOUT, PolyMNISTDataset, ensure_polymnist
-
-    root = Path(d.root)
-    published = (root / "train").is_dir() and not (root / "meta.json").is_file()  # read as is, never rebuilt
-    building = d.build is not None and d.build.enabled
-    if not published and building:
-        # under a file lock: one DDP rank (or parallel job) builds, the others wait and reuse the build
-        b = d.build
-        _, built = ensure_polymnist(b.mnist_root, b.backgrounds_dir, root, seed=b.seed, num_train=b.num_train,
-                                    num_test=b.num_test)
-        if built:
-            print(f"built PolyMNIST in {root} from {b.mnist_root} and {b.backgrounds_dir} (seed {b.seed})")
-    elif not (root / "train").is_dir():
-        raise FileNotFoundError(f"PolyMNIST root {root} has no train/ folder (expected layout {LAYOUT}); "
-                                "set dataset.build.enabled=true to build it from MNIST and background photos")
-    full = PolyMNISTDataset(root, "train", modalities=tuple(d.modalities), cache_dir=d.cache_dir)
-    n_val = int(d.val_size)
-    if not 0 < n_val < len(full):
-        raise ValueError(f"dataset.val_size must lie in (0, {len(full)}) for {len(full)} training examples, got {n_val}")
-    n_train = len(full) - n_val if d.train_size is None else int(d.train_size)
-    if n_train + n_val > len(full):
-        raise ValueError(f"dataset.train_size + val_size = {n_train + n_val} exceeds the {len(full)} training examples")
-    train = Subset(full, range(n_train))
-    val = Subset(full, range(len(full) - n_val, len(full)))
-    test = PolyMNISTDataset(root, "test", modalities=tuple(d.modalities), size=d.test_size, cache_dir=d.cache_dir)
-    return train, val, test
+    """``(train, val, test)`` data sets of ``cfg.dataset``: its spec's ``build``
+    (:func:`~pyro_diffmvae.data.registry.get_dataset`)."""
+    return get_dataset(cfg).build(cfg)
 
 
 def modality_specs(cfg: DictConfig) -> dict[str, dict]:
-    """Per modality of the data set: its event shape and feed-forward likelihood kind."""
-    name = _check_dataset(cfg)
-    text_nets = _text_nets(cfg)
-    d = cfg.dataset
-    if name == "shapes":
-        from .data import shapes
-
-        S = d.image_size
-        specs = {
-            "image": dict(shape=(3, S, S), likelihood="normal"),
-            "mask": dict(shape=(1, S, S), likelihood="bernoulli"),
-            "attributes": dict(shape=(shapes.NUM_ATTRIBUTES,), likelihood="bernoulli"),
-            "text": dict(shape=(shapes.CAPTION_LENGTH,), likelihood="categorical", num_classes=len(shapes.VOCAB)),
-        }
-    elif name == "polymnist":
-        from .data.polymnist import POLYMNIST_MODALITIES
-
-        # Laplace likelihoods for the feed-forward image decoders, as in MoPoE's PolyMNIST experiments
-        specs = {m: dict(shape=(3, 28, 28), likelihood="laplace") for m in POLYMNIST_MODALITIES}
-        specs.update({m: dict(shape=(3, 28, 28), likelihood="laplace") for m in d.modalities if m not in specs})
-    elif name == "celebamask_hq":
-        S = d.image_size
-        specs = {
-            "image": dict(shape=(3, S, S), likelihood="normal"),
-            "mask": dict(shape=(1, S, S), likelihood="bernoulli"),
-            "attributes": dict(shape=(len(d.attributes),), likelihood="bernoulli"),
-        }
-    else:  # cub
-        specs = {"image": dict(shape=(3, d.image_size, d.image_size), likelihood="normal")}
-        if text_nets == "optimus":  # packed BERT + GPT-2 ids (OptimusCaptionCodec)
-            specs["text"] = dict(shape=(4 * d.caption_length,), likelihood="optimus")
-        else:
-            specs["text"] = dict(shape=(d.caption_length,), likelihood="categorical", num_classes=len(cub_vocabulary(d.root)))
-    unknown = [m for m in d.modalities if m not in specs]
+    """Per modality of ``cfg.dataset.modalities``: its event shape, feed-forward likelihood kind,
+    ``num_classes`` (categorical) and ``network`` kind when the data set names one."""
+    spec = get_dataset(cfg)
+    nets = text_nets(cfg)
+    if nets not in spec.text_nets:
+        users = [f"the {s.title} captions (dataset={s.name})" for s in DATASETS.values() if nets in s.text_nets]
+        raise ValueError(f"model.text_nets={nets} is for {' or '.join(users) or 'no registered data set'}, "
+                         f"not dataset={spec.name}")
+    specs = spec.modalities(cfg)
+    unknown = [m for m in cfg.dataset.modalities if m not in specs]
     if unknown:
-        raise ValueError(f"unknown modalities {unknown} for dataset {name!r}; known: {sorted(specs)}")
-    return {m: specs[m] for m in d.modalities}
-
-
-@functools.lru_cache(maxsize=None)
-def cub_vocabulary(root: str | None):
-    """The :class:`~pyro_diffmvae.data.cub.Vocabulary` of the CUB training captions under ``root``
-    (deterministic from the data), read once per process: memoised by ``root`` as given."""
-    from .data.cub import CUBImageCaptionDataset
-
-    return CUBImageCaptionDataset(root, "train", image_size=8, size=1).vocab
-
-
-def _text_nets(cfg: DictConfig) -> str:
-    """``model.text_nets`` (``tokens`` when the model config has no such key), checked."""
-    nets = cfg.model.get("text_nets", None) or "tokens"
-    if nets not in TEXT_NETS:
-        raise ValueError(f"unknown model.text_nets {nets!r}; known: {list(TEXT_NETS)}")
-    if nets == "optimus" and cfg.dataset.name != "cub":
-        raise ValueError(f"model.text_nets=optimus is for the CUB captions (dataset=cub), not dataset={cfg.dataset.name}")
-    return nets
-
-
-def _optimus_settings(cfg: DictConfig) -> tuple[str, str, str]:
-    """``(bert_path, gpt2_path, injection)`` of ``model.optimus``; a missing folder is named."""
-    o = cfg.model.get("optimus", None) or {}
-    paths = []
-    for key, what in (("bert_path", "a BERT model (the caption encoder)"), ("gpt2_path", "a GPT-2 model (the caption decoder)")):
-        path = o.get(key, None)
-        if path is None:
-            raise ValueError(f"model.text_nets=optimus needs model.optimus.{key}: a local directory holding {what} and "
-                             f"its tokenizer, written by save_pretrained; nothing is downloaded")
-        if not os.path.isdir(os.path.expanduser(os.fspath(path))):
-            raise FileNotFoundError(f"model.optimus.{key}: the local directory {os.fspath(path)!r} does not exist "
-                                    f"(expected {what} and its tokenizer, written by save_pretrained)")
-        paths.append(os.path.expanduser(os.fspath(path)))
-    return paths[0], paths[1], o.get("injection", None) or "both"
-
-
-def optimus_codec(cfg: DictConfig) -> OptimusCaptionCodec:
-    """The BERT + GPT-2 tokenisers of ``model.optimus`` as a codec of captions of ``dataset.caption_length``
-    tokens, read once per process (memoised by the folders)."""
-    bert, gpt2, _ = _optimus_settings(cfg)
-    return _optimus_codec(bert, gpt2, int(cfg.dataset.caption_length))
-
-
-@functools.lru_cache(maxsize=None)
-def _optimus_codec(bert: str, gpt2: str, length: int) -> OptimusCaptionCodec:
-    return OptimusCaptionCodec.from_folders(bert, gpt2, length=length)
+        raise ValueError(f"unknown modalities {unknown} for dataset {spec.name!r}; known: {sorted(specs)}")
+    return {m: specs[m].as_dict() for m in cfg.dataset.modalities}
 
 
 def _encoder(name: str, spec: dict, cfg: DictConfig):
-    D, width = cfg.model.latent_dim, cfg.model.encoder_width
-    shape = spec["shape"]
-    if len(shape) == 3:
-        return ConvEncoder(shape[0], shape[1], D, width=width)
-    if spec["likelihood"] == "optimus":
-        bert, _, _ = _optimus_settings(cfg)  # from_pretrained returns eval mode; train like every other net
-        return OptimusCaptionEncoder(BertTextEncoder.from_pretrained(bert, D).train(), optimus_codec(cfg))
-    if spec["likelihood"] == "categorical":
-        if cfg.dataset.name == "cub":  # captions: padding-aware convolutional sequence encoder
-            return TokenSequenceEncoder(spec["num_classes"], shape[0], D, embed_dim=width * 2, hidden=width * 4)
-        return TokenEncoder(spec["num_classes"], shape[0], D)
-    return MLPEncoder(shape[0], D)
+    """The encoder of modality ``name``: the user's ``model.networks.<name>.encoder`` or its network kind's
+    (:mod:`pyro_diffmvae.networks`)."""
+    return build_encoder(name, spec, cfg)
 
 
 def _decoder(name: str, spec: dict, cfg: DictConfig):
@@ -241,6 +82,9 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
     D = m.latent_dim
     shape = spec["shape"]
     if m.diffusion_decoders and name in cfg.dataset.diffusion_modalities:
+        if OmegaConf.select(cfg, f"model.networks.{name}.decoder", default=None) is not None:
+            raise ValueError(f"model.networks.{name}.decoder names a feed-forward decoder network, but {name!r} is "
+                             "decoded by a diffusion decoder (dataset.diffusion_modalities)")
         if len(shape) != 3:
             raise ValueError(f"modality {name!r}: diffusion decoders are for images, its shape is {shape}")
         u = m.unet
@@ -256,19 +100,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
             num_draws=diff.num_draws, time_sampling=cfg.weighting.time_sampling,
             sampler=diff.sampler, sampler_steps=diff.sampler_steps, output_range=(-1.0, 1.0),
         )
-    if len(shape) == 3:
-        return FeedForwardDecoder(ConvDecoder(D, shape[0], shape[1], width=m.decoder_width), shape, spec["likelihood"],
-                                  scale=0.1, learn_scale=spec["likelihood"] != "bernoulli")
-    if spec["likelihood"] == "optimus":
-        _, gpt2, injection = _optimus_settings(cfg)
-        return OptimusCaptionDecoder(GPT2TextDecoder.from_pretrained(gpt2, D, injection=injection).train(), optimus_codec(cfg))
-    if spec["likelihood"] == "categorical":
-        if cfg.dataset.name == "cub":
-            net = TokenSequenceDecoder(D, shape[0], spec["num_classes"], hidden=m.decoder_width * 4)
-        else:
-            net = TokenDecoder(D, shape[0], spec["num_classes"])
-        return FeedForwardDecoder(net, shape, "categorical", num_classes=spec["num_classes"])
-    return FeedForwardDecoder(MLPDecoder(D, shape[0]), shape, spec["likelihood"])
+    return build_decoder(name, spec, cfg)
 
 
 def build_model(cfg: DictConfig) -> MultimodalVAE:

@@ -350,7 +350,7 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict:
 
 
 def run_sample(cfg: DictConfig, out: Path) -> Path:
-    from .figures import save_unconditional_figure
+    from .figures import figure_captions, save_unconditional_figure
 
     if cfg.checkpoint is None:
         raise ValueError("diffmvae-sample needs checkpoint=<run dir>/model.pt")
@@ -360,7 +360,8 @@ def run_sample(cfg: DictConfig, out: Path) -> Path:
     gen = vae.sample(s.num, prior=s.prior, sampler=s.sampler, steps=s.steps)
     (out / "samples").mkdir(parents=True)
     torch.save({k: v.cpu() for k, v in gen.items()}, out / "samples" / "samples.pt")
-    save_unconditional_figure({s.prior: gen}, vae.names, out / "samples" / "samples.png", n=min(s.num, 16))
+    save_unconditional_figure({s.prior: gen}, vae.names, out / "samples" / "samples.png", n=min(s.num, 16),
+                              captions=figure_captions(run_cfg, vae.names))
     print(f"outputs in {out}")
     return out / "samples"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["to_display", "save_conditional_figure", "save_unconditional_figure", "save_loss_curves"]
+__all__ = ["to_display", "figure_captions", "save_conditional_figure", "save_unconditional_figure", "save_loss_curves"]
 
 
 def to_display(name: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -27,17 +27,23 @@ def to_display(name: str, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _caption(name: str, x: torch.Tensor, i: int) -> str:
-    if name == "text":
-        from .data.shapes import VOCAB, detokenize
+def figure_captions(cfg, names: Sequence[str]) -> dict[str, Callable[[torch.Tensor], str]]:
+    """``{modality: tokens -> str}`` of the token modalities of ``cfg.dataset`` whose spec can decode them."""
+    from .data.registry import get_dataset
 
-        if int(x[i].max()) < len(VOCAB):
-            return detokenize(x[i])
-        return " ".join(str(int(t)) for t in x[i][:12])  # another vocabulary: the leading token ids
-    return ""
+    specs = get_dataset(cfg).modalities(cfg)
+    return {m: specs[m].decode for m in names if specs[m].decode is not None}
 
 
-def _grid(rows: Sequence[tuple[str, Mapping[str, torch.Tensor]]], names: Sequence[str], n: int, path: Path, title: str):
+def _caption(x: torch.Tensor, i: int, decode: Callable[[torch.Tensor], str] | None) -> str:
+    """Example ``i`` of a token modality as text: its data set's ``decode``, else the leading token ids."""
+    if decode is not None:
+        return decode(x[i])
+    return " ".join(str(int(t)) for t in x[i][:12])
+
+
+def _grid(rows: Sequence[tuple[str, Mapping[str, torch.Tensor]]], names: Sequence[str], n: int, path: Path, title: str,
+          captions: Mapping[str, Callable] | None = None):
     cols = [(label, name) for label, data in rows for name in names if name in data]
     fig, axes = plt.subplots(n, len(cols), figsize=(1.3 * len(cols), 1.3 * n), squeeze=False)
     for j, (label, name) in enumerate(cols):
@@ -49,7 +55,7 @@ def _grid(rows: Sequence[tuple[str, Mapping[str, torch.Tensor]]], names: Sequenc
             if shown is not None:
                 ax.imshow(shown[i].numpy(), interpolation="nearest", aspect="auto" if name == "attributes" else "equal")
             else:
-                ax.text(0.0, 0.5, _caption(name, data, i), fontsize=5, wrap=True)
+                ax.text(0.0, 0.5, _caption(data, i, (captions or {}).get(name)), fontsize=5, wrap=True)
             if i == 0:
                 ax.set_title(f"{label}\n{name}", fontsize=6)
     fig.suptitle(title, fontsize=8)
@@ -59,20 +65,25 @@ def _grid(rows: Sequence[tuple[str, Mapping[str, torch.Tensor]]], names: Sequenc
 
 
 def save_conditional_figure(truth: Mapping, generated: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str],
-                            path: Path, n: int = 6) -> None:
-    """One row per test scene: the truth, then the generated modalities for every given subset."""
+                            path: Path, n: int = 6, captions: Mapping[str, Callable] | None = None) -> None:
+    """One row per test scene: the truth, then the generated modalities for every given subset.
+
+    ``captions``: ``{modality: tokens -> str}``, how a token modality is shown (else its leading ids)."""
     n = min(n, next(iter(truth[m] for m in names)).shape[0])
     rows = [("truth", {m: truth[m] for m in names})] + [(f"given {g}", gen) for g, gen in generated.items()]
-    _grid(rows, names, n, path, "Conditional generation (each column block: given subset → generated modalities)")
+    _grid(rows, names, n, path, "Conditional generation (each column block: given subset → generated modalities)",
+          captions)
 
 
-def save_unconditional_figure(samples: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str], path: Path, n: int = 8) -> None:
-    """Unconditional samples: N(0, I) beside the latent score prior."""
+def save_unconditional_figure(samples: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str], path: Path, n: int = 8,
+                              captions: Mapping[str, Callable] | None = None) -> None:
+    """Unconditional samples: N(0, I) beside the latent score prior (``captions``: as in
+    :func:`save_conditional_figure`)."""
     if not samples:
         return
     n = min(n, next(iter(next(iter(samples.values())).values())).shape[0])
     label = {"normal": "z ~ N(0, I)", "score": "z ~ latent score prior"}
-    _grid([(label[k], v) for k, v in samples.items()], names, n, path, "Unconditional generation")
+    _grid([(label[k], v) for k, v in samples.items()], names, n, path, "Unconditional generation", captions)
 
 
 def save_loss_curves(metrics_csv: Path, path: Path) -> bool:

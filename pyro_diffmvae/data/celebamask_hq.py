@@ -63,9 +63,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..io import atomic_torch_save
+from .spec import BY_CLASSIFIER, DatasetSpec, EvaluationSpec, LabelSpec, ModalitySpec
 from .validation import check_modalities
 
 __all__ = [
+    "SPEC",
+    "build_datasets",
+    "modality_specs",
     "ATTRIBUTE_FILE",
     "COMPOSITE_PARTS",
     "DEFAULT_SPLIT_BOUNDARIES",
@@ -579,3 +583,43 @@ class CelebAMaskHQDataset(Dataset):
             f"image_size={self.image_size}, modalities={list(self.modalities)}, "
             f"mask_source={self.mask_source!r}, cache={self.cache_path!r})"
         )
+
+
+# ------------------------------------------------------------------------------------- the spec
+def build_datasets(cfg) -> tuple[CelebAMaskHQDataset, CelebAMaskHQDataset, CelebAMaskHQDataset]:
+    """``(train, val, test)`` of ``cfg.dataset`` (``root``, ``image_size``, ``attributes``, ``*_size``, ...)."""
+    d = cfg.dataset
+    common = dict(image_size=d.image_size, modalities=tuple(d.modalities), attributes=tuple(d.attributes),
+                  cache_dir=d.cache_dir)
+    return tuple(CelebAMaskHQDataset(d.root, split, size=size, **common)
+                 for split, size in (("train", d.train_size), ("val", d.val_size), ("test", d.test_size)))
+
+
+def _threshold(x: torch.Tensor) -> torch.Tensor:
+    """Attribute probabilities → 0/1 labels (``x > 0.5``)."""
+    return (x > 0.5).long()
+
+
+def modality_specs(cfg) -> dict[str, ModalitySpec]:
+    """Image (read back by an attribute classifier), composite mask (scored by F1) and the
+    ``cfg.dataset.attributes`` (read back by a threshold at 0.5, scored by F1)."""
+    S = cfg.dataset.image_size
+    return {
+        "image": ModalitySpec((3, S, S), "normal", read=BY_CLASSIFIER),
+        "mask": ModalitySpec((1, S, S), "bernoulli", f1=True),
+        "attributes": ModalitySpec((len(cfg.dataset.attributes),), "bernoulli", read=_threshold, f1=True),
+    }
+
+
+def _attributes_of(batch: Mapping) -> torch.Tensor:
+    return (batch["attributes"] > 0.5).long()
+
+
+def _labels(cfg, train_set) -> LabelSpec:
+    return LabelSpec((2,) * len(cfg.dataset.attributes), _attributes_of)
+
+
+#: the data set as the builders and the evaluation see it (:mod:`pyro_diffmvae.data.spec`): the labels
+#: are the binary attributes
+SPEC = DatasetSpec(name="celebamask_hq", title="CelebAMask-HQ", build=build_datasets, modalities=modality_specs,
+                   evaluation=EvaluationSpec("labels", labels=_labels))

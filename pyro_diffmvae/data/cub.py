@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import hashlib
 import json
 import math
@@ -73,8 +74,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..io import atomic_torch_save
+from .spec import BY_CLASSIFIER, ClipSpec, DatasetSpec, EvaluationSpec, LabelSpec, ModalitySpec
 
 __all__ = [
+    "SPEC",
+    "build_datasets",
+    "cub_vocabulary",
+    "modality_specs",
     "BOS",
     "CUB_LAYOUT",
     "EOS",
@@ -623,3 +629,72 @@ class OptimusCaptions(Dataset):
 
     def __repr__(self) -> str:
         return f"OptimusCaptions({self.base!r}, caption length {self.codec.length})"
+
+
+# ------------------------------------------------------------------------------------- the spec
+@functools.lru_cache(maxsize=None)
+def cub_vocabulary(root: str | None) -> Vocabulary:
+    """The :class:`Vocabulary` of the CUB training captions under ``root`` (deterministic from the data),
+    read once per process: memoised by ``root`` as given (a process that rewrites the captions under
+    the same root must call ``cub_vocabulary.cache_clear()``)."""
+    return CUBImageCaptionDataset(root, "train", image_size=8, size=1).vocab
+
+
+def build_datasets(cfg):
+    """``(train, test, test)`` of ``cfg.dataset``: CUB has no official validation split, so validation
+    monitors the test split. With ``model.text_nets=optimus`` both are wrapped in :class:`OptimusCaptions`."""
+    from ..networks import optimus_codec, text_nets
+
+    d = cfg.dataset
+    common = dict(image_size=d.image_size, caption_length=d.caption_length, vocab=cub_vocabulary(d.root),
+                  cache_dir=d.cache_dir)
+    train = CUBImageCaptionDataset(d.root, "train", **common)
+    test = CUBImageCaptionDataset(d.root, "test", **common)
+    if text_nets(cfg) == "optimus":
+        codec = optimus_codec(cfg)
+        train, test = OptimusCaptions(train, codec), OptimusCaptions(test, codec)
+    return train, test, test
+
+
+def modality_specs(cfg) -> dict[str, ModalitySpec]:
+    """The image (read back by a bird-class classifier) and the caption: word-level ids of the training
+    vocabulary for padding-aware sequence networks, or (``model.text_nets=optimus``) the packed BERT +
+    GPT-2 ids of :class:`~pyro_diffmvae.caption_codec.OptimusCaptionCodec`."""
+    from ..networks import text_nets
+
+    d = cfg.dataset
+    specs = {"image": ModalitySpec((3, d.image_size, d.image_size), "normal", read=BY_CLASSIFIER)}
+    if text_nets(cfg) == "optimus":
+        specs["text"] = ModalitySpec((4 * d.caption_length,), "optimus")
+    else:
+        specs["text"] = ModalitySpec((d.caption_length,), "categorical", num_classes=len(cub_vocabulary(d.root)),
+                                     network="token_sequence")
+    return specs
+
+
+def _labels(cfg, train_set) -> LabelSpec:
+    """The bird class, as its index among the classes of the training split (-1: a class not in it)."""
+    class_ids = getattr(train_set, "class_ids", None)  # the CUB data set knows them without decoding images
+    if class_ids is None:
+        class_ids = [train_set[i]["meta"]["class_id"] for i in range(len(train_set))]
+    classes = sorted({int(c) for c in class_ids})
+    index = {c: j for j, c in enumerate(classes)}
+
+    def labels_of(batch: Mapping) -> torch.Tensor:
+        return torch.tensor([index.get(int(c), -1) for c in batch["meta"]["class_id"]]).reshape(-1, 1)
+
+    return LabelSpec((len(classes),), labels_of)
+
+
+def _raw_captions(test_set, truth: Mapping) -> list[str]:
+    """The exact caption line each test example was tokenised from (not the lossy decoding of its ids)."""
+    meta = truth["meta"]
+    return [test_set.caption_text(int(i), int(j)) for i, j in zip(meta["image_id"], meta["caption_index"])]
+
+
+#: the data set as the builders and the evaluation see it (:mod:`pyro_diffmvae.data.spec`): labelled by
+#: the bird class; CLIP score of images generated from the caption
+SPEC = DatasetSpec(name="cub", title="CUB", build=build_datasets, modalities=modality_specs,
+                   evaluation=EvaluationSpec("labels", labels=_labels,
+                                             clip=ClipSpec(image="image", caption="text", captions=_raw_captions)),
+                   text_nets=("tokens", "optimus"))

@@ -62,8 +62,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..io import atomic_torch_save, exclusive_lock
+from .spec import BY_CLASSIFIER, DatasetSpec, EvaluationSpec, LabelSpec, ModalitySpec
 
 __all__ = [
+    "SPEC",
+    "build_datasets",
+    "modality_specs",
     "DEFAULT_BACKGROUNDS",
     "IMAGE_SHAPE",
     "LAYOUT",
@@ -653,3 +657,59 @@ class PolyMNISTDataset(Dataset):
             f"PolyMNISTDataset(root={str(self.root)!r}, split={self.split!r}, size={self.size}, "
             f"modalities={list(self.modalities)}, cache={self.cache_path!r})"
         )
+
+
+# ------------------------------------------------------------------------------------- the spec
+def build_datasets(cfg):
+    """``(train, val, test)`` PolyMNIST from ``cfg.dataset.root``; built there first from MNIST + backgrounds
+    when ``cfg.dataset.build`` says so.
+
+    The published data set has train and test only; validation holds out the last ``val_size``
+    training examples.
+    """
+    from torch.utils.data import Subset
+
+    d = cfg.dataset
+    root = Path(d.root)
+    published = (root / "train").is_dir() and not (root / META_FILE).is_file()  # read as is, never rebuilt
+    building = d.build is not None and d.build.enabled
+    if not published and building:
+        # under a file lock: one DDP rank (or parallel job) builds, the others wait and reuse the build
+        b = d.build
+        _, built = ensure_polymnist(b.mnist_root, b.backgrounds_dir, root, seed=b.seed, num_train=b.num_train,
+                                    num_test=b.num_test)
+        if built:
+            print(f"built PolyMNIST in {root} from {b.mnist_root} and {b.backgrounds_dir} (seed {b.seed})")
+    elif not (root / "train").is_dir():
+        raise FileNotFoundError(f"PolyMNIST root {root} has no train/ folder (expected layout {LAYOUT}); "
+                                "set dataset.build.enabled=true to build it from MNIST and background photos")
+    full = PolyMNISTDataset(root, "train", modalities=tuple(d.modalities), cache_dir=d.cache_dir)
+    n_val = int(d.val_size)
+    if not 0 < n_val < len(full):
+        raise ValueError(f"dataset.val_size must lie in (0, {len(full)}) for {len(full)} training examples, got {n_val}")
+    n_train = len(full) - n_val if d.train_size is None else int(d.train_size)
+    if n_train + n_val > len(full):
+        raise ValueError(f"dataset.train_size + val_size = {n_train + n_val} exceeds the {len(full)} training examples")
+    train = Subset(full, range(n_train))
+    val = Subset(full, range(len(full) - n_val, len(full)))
+    test = PolyMNISTDataset(root, "test", modalities=tuple(d.modalities), size=d.test_size, cache_dir=d.cache_dir)
+    return train, val, test
+
+
+def modality_specs(cfg) -> dict[str, ModalitySpec]:
+    """Every modality ``m<k>`` (of :data:`POLYMNIST_MODALITIES` and ``cfg.dataset.modalities``): a 3x28x28
+    image with a Laplace likelihood (as in MoPoE's PolyMNIST experiments), read back by a digit classifier."""
+    names = list(POLYMNIST_MODALITIES) + [m for m in cfg.dataset.modalities if m not in POLYMNIST_MODALITIES]
+    return {m: ModalitySpec(IMAGE_SHAPE, "laplace", read=BY_CLASSIFIER) for m in names}
+
+
+def _digit_of(batch: Mapping) -> torch.Tensor:
+    return batch["meta"]["label"].reshape(-1, 1).long()
+
+
+_LABELS = LabelSpec((10,), _digit_of)
+
+#: the data set as the builders and the evaluation see it (:mod:`pyro_diffmvae.data.spec`): every
+#: modality shows the same digit, read back by a classifier per modality
+SPEC = DatasetSpec(name="polymnist", title="PolyMNIST", build=build_datasets, modalities=modality_specs,
+                   evaluation=EvaluationSpec("labels", labels=lambda cfg, train_set: _LABELS))
