@@ -1,5 +1,6 @@
-"""The package's layout, read from its source with ``ast``: no import cycles, no private names
-imported across modules, and no data-set names in the generic evaluation, builders and networks."""
+"""The package's layout (docs/design.md §3), read from its source with ``ast``: no import cycles, no
+private names imported across modules, the training ELBO constructed in one place, and no data-set
+names outside the data sets' own modules."""
 
 from __future__ import annotations
 
@@ -170,15 +171,13 @@ def test_no_import_cycle_in_the_package():
     assert find_cycle(import_graph(module_files())) is None
 
 
-def test_no_private_name_imported_by_the_generic_modules():
-    """Catches: the evaluation, builders, networks or data-set registry reaching into another module's
-    ``_private`` helpers. (``private_imports()`` lists the offenders of the whole package.)"""
-    offenders = [o for o in private_imports() if _in(o[0]) or _in(o[0], ("pyro_diffmvae.data",))]
-    assert offenders == []
+def test_no_module_imports_a_private_name_of_another():
+    """Catches: any module reaching into another module's ``_private`` helpers instead of a public name."""
+    assert private_imports() == []
 
 
 @pytest.mark.parametrize("module", ["evaluation", "evaluation_labels.py", "builders.py", "networks.py", "figures.py",
-                                    "cli.py"])
+                                    "cli.py", "training", "objectives"])
 def test_no_dataset_name_in_generic_code(module):
     """Catches: a branch on a data-set name (``cfg.dataset.name == "cub"``) in code that must read
     everything from the data set's spec; in the evaluation also a branch on a modality name."""
@@ -196,3 +195,33 @@ def test_every_builtin_dataset_declares_its_spec_next_to_its_loader():
         "shapes": shapes.SPEC, "polymnist": polymnist.SPEC, "celebamask_hq": celebamask_hq.SPEC, "cub": cub.SPEC}
     for name, spec in DATASETS.items():
         assert spec.name == name and spec.build.__module__ == spec.modalities.__module__
+
+
+def _calls_named(name: str) -> list[str]:
+    """The modules that call ``name(...)`` (a plain or attribute call)."""
+    return sorted({module for module, path in module_files().items() for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == name})
+
+
+def test_trace_mean_field_elbo_is_constructed_in_one_place():
+    """Catches: a second place building the training ELBO (the trainer, fit_svi and the CLI each did)."""
+    assert _calls_named("TraceMeanField_ELBO") == ["pyro_diffmvae.objectives.subset_elbo"]
+
+
+def _data_set_comparisons(path: Path) -> list[tuple[str, int]]:
+    """``x == "cub"``, ``x != "shapes"``, ``x in ("polymnist", ...)``: a branch on a data set's name."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                values = [e for e in getattr(side, "elts", [side]) if isinstance(e, ast.Constant)]
+                hits += [(v.value, node.lineno) for v in values if v.value in DATASETS]
+    return hits
+
+
+def test_only_the_data_sets_branch_on_data_set_names():
+    """Catches: an ``if/elif`` over data-set names anywhere outside ``data/`` — the package's other
+    modules and the paper tables (builders, the evaluation, the figures and the tables had such chains)."""
+    files = {m: p for m, p in module_files().items() if not _in(m, ("pyro_diffmvae.data",))}
+    files["experiments.paper_tables"] = PACKAGE.parent / "experiments" / "paper_tables.py"
+    assert {m: h for m, p in files.items() if (h := _data_set_comparisons(p))} == {}

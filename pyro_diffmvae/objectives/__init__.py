@@ -110,13 +110,3 @@ def make_objective(name: str = "elbo", **hyperparameters) -> Objective:
         raise TypeError(f"objective {name!r}: bad hyperparameters {sorted(hyperparameters)} ({err})") from None
 
 
-
-def __getattr__(name: str):
-    """``objectives.build_objective`` keeps working: reading the config moved to
-    :func:`pyro_diffmvae.builders.build_objective` (imported on first use, since builders imports
-    this package)."""
-    if name == "build_objective":
-        from ..builders import build_objective
-
-        return build_objective
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
