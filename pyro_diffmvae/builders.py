@@ -71,12 +71,6 @@ def modality_specs(cfg: DictConfig) -> dict[str, dict]:
     return {m: specs[m].as_dict() for m in cfg.dataset.modalities}
 
 
-def _encoder(name: str, spec: dict, cfg: DictConfig):
-    """The encoder of modality ``name``: the user's ``model.networks.<name>.encoder`` or its network kind's
-    (:mod:`pyro_diffmvae.networks`)."""
-    return build_encoder(name, spec, cfg)
-
-
 def _decoder(name: str, spec: dict, cfg: DictConfig):
     m = cfg.model
     D = m.latent_dim
@@ -118,7 +112,7 @@ def build_model(cfg: DictConfig) -> MultimodalVAE:
         modalities = _mmvae_plus_modalities(specs, cfg, weights)
     else:
         modalities = [
-            Modality(name, _encoder(name, spec, cfg), _decoder(name, spec, cfg), weight=float(weights.get(name, 1.0)))
+            Modality(name, build_encoder(name, spec, cfg), _decoder(name, spec, cfg), weight=float(weights.get(name, 1.0)))
             for name, spec in specs.items()
         ]
     if cfg.model.get("two_stage", None):  # SBM-VAE-C / MLD: one latent of size latent_dim per modality
@@ -153,7 +147,7 @@ def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping) -> li
         raise ValueError(f"model.objective=mmvae_plus needs a positive int model.private_latent_dim, got {Dw!r}")
     cfg_w, cfg_u = _with_latent_dim(cfg, Dw), _with_latent_dim(cfg, D + Dw)
     return [
-        Modality(name, SharedPrivateEncoder(_encoder(name, spec, cfg), _encoder(name, spec, cfg_w)),
+        Modality(name, SharedPrivateEncoder(build_encoder(name, spec, cfg), build_encoder(name, spec, cfg_w)),
                  PrivateLatentDecoder(_decoder(name, spec, cfg_u), D, Dw), weight=float(weights.get(name, 1.0)))
         for name, spec in specs.items()
     ]

@@ -66,6 +66,7 @@ __all__ = [
     "ESTIMATORS",
     "make_objective",
     "register_objective",
+    "bind_objective",
     "ELBO",
     "elbo_terms",
     "MVAE",
@@ -110,3 +111,10 @@ def make_objective(name: str = "elbo", **hyperparameters) -> Objective:
         raise TypeError(f"objective {name!r}: bad hyperparameters {sorted(hyperparameters)} ({err})") from None
 
 
+def bind_objective(vae, objective=None, num_particles: int = 1) -> Objective:
+    """The objective that trains ``vae`` — ``objective`` (an :class:`Objective`, or a callable
+    ``(vae, batch) -> loss`` wrapped by :func:`as_objective`), default ``ELBO(num_particles)`` — with
+    ``vae.conditional`` set to its conditional, so that the trained model generates as it does."""
+    objective = ELBO(num_particles) if objective is None else as_objective(objective)
+    vae.conditional = objective.conditional
+    return objective

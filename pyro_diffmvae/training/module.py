@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..model import MultimodalVAE
-from ..objectives import ELBO, Objective, as_objective
+from ..objectives import Objective, bind_objective
 from ..prior import LatentScorePrior
 from .accelerator import batch_to_channels_last, compile_eps_nets, eps_nets_to_channels_last, uncompile_eps_nets
 from .data import batch_size_of
@@ -121,8 +121,7 @@ class DiffMVAEModule(L.LightningModule):
         self.latent_prior = latent_prior
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.log_parts_every = log_parts_every
-        self.objective = ELBO(num_particles) if objective is None else as_objective(objective)
-        vae.conditional = self.objective.conditional
+        self.objective = bind_objective(vae, objective, num_particles)
         self.seed = seed
         self.nonfinite, self.max_nonfinite = nonfinite, int(max_nonfinite)
         self.skipped_nonfinite = 0

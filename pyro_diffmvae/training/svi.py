@@ -8,7 +8,7 @@ import pyro
 from pyro.infer import SVI
 
 from ..model import MultimodalVAE
-from ..objectives import ELBO, Objective, as_objective
+from ..objectives import Objective, bind_objective
 from .data import batch_size_of
 
 __all__ = ["fit_svi"]
@@ -32,8 +32,7 @@ def fit_svi(
     Pyro's param store first, so objectives that never run the guide train too). The model's
     ``conditional`` is set to the objective's. ``batches`` is cycled until ``steps`` steps are done.
     """
-    objective = ELBO(num_particles) if objective is None else as_objective(objective)
-    vae.conditional = objective.conditional
+    objective = bind_objective(vae, objective, num_particles)
     optim_args = {"lr": lr}
     if clip_norm is not None:
         optim_args["clip_norm"] = clip_norm
