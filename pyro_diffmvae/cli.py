@@ -300,7 +300,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     if cfg.evaluation.enabled:
         start = time.time()
         _seed(cfg.seed)
-        metrics.update(evaluate(vae, test_set, train_set, cfg, out))
+        metrics.update(evaluate(vae, test_set, train_set, cfg, out, objective=objective))
         metrics["training"]["evaluation_seconds"] = round(time.time() - start, 1)
     save_metrics(metrics, out / "metrics.json")
     write_report(metrics, out / "report.md", title=f"{cfg.model.name} on {cfg.dataset.name} (weighting {cfg.weighting.name}, fusion {cfg.fusion.name})")
@@ -332,7 +332,7 @@ def load_run(checkpoint: str | os.PathLike):
 
 
 def run_evaluate(cfg: DictConfig, out: Path) -> dict:
-    from .builders import build_datasets
+    from .builders import build_datasets, build_objective
     from .evaluation import evaluate, save_metrics, write_report
 
     if cfg.checkpoint is None:
@@ -342,7 +342,7 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict:
     run_cfg.evaluation = cfg.evaluation  # evaluation settings come from this call
     train_set, _, test_set = build_datasets(run_cfg)
     _seed(cfg.seed)  # as diffmvae-train seeds its evaluation
-    metrics = evaluate(vae, test_set, train_set, run_cfg, out)
+    metrics = evaluate(vae, test_set, train_set, run_cfg, out, objective=build_objective(run_cfg))
     save_metrics(metrics, out / "metrics.json")
     write_report(metrics, out / "report.md", title=f"evaluation of {cfg.checkpoint}")
     print(f"outputs in {out}")

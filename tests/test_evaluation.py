@@ -27,7 +27,7 @@ def test_report_tables(tmp_path):
     metrics = {"num_examples": 10, "sampler": "ddim", "sampler_steps": 50,
                "conditional": {"image": {"attributes_f1": 0.91, "mask_f1": 0.88}, "mask": {"image_factor_acc": 0.7}},
                "unconditional": {"normal": {"agreement": 0.1, "FD_classifier": 3.0}, "score": {"agreement": 0.4, "FD_classifier": 1.0}},
-               "fd_name": "FD_classifier", "image_bound_bpd": {"mean": 4.2, "se": 0.1, "examples": 8}}
+               "fd_name": "FD_classifier", "image_reconstruction_bound_bpd": {"mean": 4.2, "se": 0.1, "examples": 8}}
     write_report(metrics, tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()
     assert "| image | 0.910 |  | 0.880 |" in text

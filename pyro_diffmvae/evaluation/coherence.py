@@ -22,7 +22,7 @@ from ..data.spec import LabelSpec
 from ..metrics.coherence import factor_accuracy
 from ..metrics.f1 import sample_f1
 
-__all__ = ["label_scores", "factor_scores", "pairwise_agreement", "all_agree"]
+__all__ = ["label_scores", "factor_scores", "pairwise_agreement", "all_agree", "agree_per_example"]
 
 
 def label_scores(modality: str, read: torch.Tensor, labels: torch.Tensor, spec: LabelSpec) -> dict[str, float]:
@@ -55,9 +55,14 @@ def pairwise_agreement(preds: Mapping[str, torch.Tensor]) -> float:
     return ok.float().mean().item()
 
 
-def all_agree(reads: Sequence[torch.Tensor]) -> float:
-    """Fraction of examples on which every read-back modality gives the same labels."""
+def agree_per_example(reads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(N,)`` bool: whether every read-back modality gives example i the same labels."""
     agree = torch.ones(reads[0].shape[0], dtype=torch.bool)
     for r in reads[1:]:
         agree &= (r == reads[0]).all(1)
-    return agree.float().mean().item()
+    return agree
+
+
+def all_agree(reads: Sequence[torch.Tensor]) -> float:
+    """Fraction of examples on which every read-back modality gives the same labels."""
+    return agree_per_example(reads).float().mean().item()

@@ -7,7 +7,7 @@ label column from the standardised posterior mean to the labels, trained on (at 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -40,8 +40,11 @@ def linear_probe_accuracy(z_train: torch.Tensor, y_train: torch.Tensor, z_test: 
     return float(sum(accs) / len(accs))
 
 
-def latent_probe(vae, train_set, truth, labels: torch.Tensor, spec: LabelSpec, names: Sequence[str], ev) -> dict[str, float]:
-    """Linear-probe accuracy from the posterior mean of each single modality and of all of them."""
+def latent_probe(vae, train_set, truth, labels: torch.Tensor, spec: LabelSpec, names: Sequence[str], ev,
+                 test_latents: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Linear-probe accuracy from the posterior mean of each single modality and of all of them;
+    ``test_latents`` (``{"<m>" | "all": (n, D)}``): the test posterior means computed already (in
+    chunks), else from the test batch ``truth``."""
     n_train = min(len(train_set), int(ev.get("probe_train_size", 2000)))
     train = collate(train_set, range(n_train))
     y_train = spec.labels_of(train)
@@ -49,7 +52,7 @@ def latent_probe(vae, train_set, truth, labels: torch.Tensor, spec: LabelSpec, n
     for given in [[m] for m in names] + [list(names)]:
         z_tr = torch.cat([vae.posterior(slice_batch(train, slice(i, i + 512)), given=given).mean
                           for i in range(0, n_train, 512)])
-        z_te = vae.posterior(truth, given=given).mean
         key = "+".join(given) if len(given) < len(names) else "all"
+        z_te = test_latents[key] if test_latents is not None else vae.posterior(truth, given=given).mean
         out[key] = linear_probe_accuracy(z_tr, y_train, z_te, labels, spec.num_classes)
     return out

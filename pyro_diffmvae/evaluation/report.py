@@ -1,4 +1,6 @@
-"""The run's ``report.md`` (Markdown tables of the metrics) and ``metrics.json``."""
+"""The run's ``report.md`` (Markdown tables of the metrics, each number with its standard error
+where one was computed: ``value ± se``; the protocol named in every table's caption; the bound
+ledger) and ``metrics.json``."""
 
 from __future__ import annotations
 
@@ -8,44 +10,104 @@ from pathlib import Path
 __all__ = ["write_report", "save_metrics"]
 
 
+def _cell(row: dict, c: str) -> str:
+    """``value`` or ``value ± se`` (``row[c + "_se"]``); empty when the row has no ``c``."""
+    if c not in row:
+        return ""
+    se = row.get(f"{c}_se")
+    return f"{row[c]:.3f}" if se is None else f"{row[c]:.3f} ± {se:.3f}"
+
+
+def _protocol_label(metrics: dict) -> str:
+    protocol = metrics.get("protocol") or {}
+    return protocol.get("label", "unnamed (metrics before evaluation protocols)")
+
+
+def _bound_bpd(metrics: dict) -> dict[str, dict]:
+    """``{modality: {"mean", "se", "examples"}}`` of the reconstruction bound (also under its old key)."""
+    out = {}
+    for key, val in metrics.items():
+        for suffix in ("_reconstruction_bound_bpd", "_bound_bpd"):
+            if key.endswith(suffix) and isinstance(val, dict):
+                out.setdefault(key[: -len(suffix)], val)
+                break
+    return out
+
+
+def _ledger_lines(ledger: dict) -> list[str]:
+    bound = {True: "yes", False: "no", None: "unknown (no objective recorded)"}[ledger.get("is_bound")]
+    lines = ["## Bound ledger", "",
+             f"* objective trained: {ledger.get('objective')} ({ledger.get('objective_repr')}); "
+             f"−loss bounds log p(x): **{bound}**",
+             f"* β = {ledger.get('beta')}; likelihood weights λ_m: "
+             + ", ".join(f"{m} = {w}" for m, w in ledger.get("likelihood_weights", {}).items())]
+    for m, d in ledger.get("diffusion_decoders", {}).items():
+        lines.append(f"* diffusion decoder {m}: λ(t) weighting {d['weighting']}, predicts {d['prediction']}, "
+                     f"log_prob a bound on log p(x|z): {'yes' if d['log_prob_is_bound'] else 'no'}")
+    lines += [f"* evaluation protocol: {ledger.get('protocol')}",
+              f"* conditional q(z | x_given) generated from: {ledger.get('conditional')}"]
+    for key, text in ledger.get("estimators", {}).items():
+        lines.append(f"* {key}: {text}")
+    nets = ledger.get("evaluation_networks", {})
+    lines.append(f"* evaluation networks: label classifiers {nets.get('label_classifiers')}; FD feature space "
+                 f"{nets.get('fd_feature_space')} (Inception weights: {nets.get('inception_weights')}); "
+                 f"CLIP model: {nets.get('clip_model')}")
+    return lines + [""]
+
+
 def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") -> None:
-    """A Markdown report with the conditional and unconditional tables."""
-    lines = [f"# {title}", ""]
+    """A Markdown report with the conditional and unconditional tables and the bound ledger."""
+    label = _protocol_label(metrics)
+    lines = [f"# {title}", "", f"Evaluation protocol: **{label}**.", ""]
+    protocol = metrics.get("protocol")
+    if protocol:
+        lines += [f"{protocol['num_examples']} of {protocol['test_split_size']} test examples, "
+                  f"{protocol['num_given_subsets']} of {protocol['all_given_subsets']} given subsets. "
+                  f"Standard errors (± after each number): {protocol['standard_errors']} "
+                  f"({protocol['bootstrap']} seeded resamples, seed {protocol['bootstrap_seed']}; FD bootstrap "
+                  f"{'on' if protocol['fd_bootstrap'] else 'off: FDs have no SE'}). Coherence conventions: "
+                  + "; ".join(f"*{k}* = {v}" for k, v in protocol["coherence_conventions"].items()) + ".", ""]
     cond = metrics.get("conditional", {})
-    cols = sorted({c for row in cond.values() for c in row})
+    cols = sorted({c for row in cond.values() for c in row if not (c.endswith("_se") and c[:-3] in row)})
     if cond:
-        lines += [f"Conditional generation ({metrics['num_examples']} test examples, {metrics['sampler']}-{metrics['sampler_steps']}); "
+        lines += [f"Conditional generation (protocol {label}; {metrics['num_examples']} test examples, {metrics['sampler']}-{metrics['sampler_steps']}); "
                   "*_f1 = sample-average F1 against the truth (paper Table 3); *_factor_acc = mean per-factor accuracy read back by "
                   "the classifier; *_all_factors = all factors right; *_position_size = size and position right; "
                   "*_coherence = labels read back by the classifier equal the truth; *_FD_* = Fréchet distance to real test images.", ""]
         lines.append("| given | " + " | ".join(cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for given, row in cond.items():
-            lines.append(f"| {given} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in cols) + " |")
+            lines.append(f"| {given} | " + " | ".join(_cell(row, c) for c in cols) + " |")
         lines.append("")
     by_k = metrics.get("coherence_by_num_given")
     if by_k:
-        lines += ["Conditional coherence by number of given modalities (mean over the given subsets of each size):", ""]
-        lines.append("| " + " | ".join(f"{k} given" for k in by_k) + " |")
-        lines.append("|" + "---|" * len(by_k))
-        lines.append("| " + " | ".join(f"{v:.3f}" for v in by_k.values()) + " |")
+        lines += [f"Conditional coherence by number of given modalities (protocol {label}; mean over the given "
+                  "subsets of each size):", ""]
+        lines.append("| convention | " + " | ".join(f"{k} given" for k in by_k) + " |")
+        lines.append("|---|" + "---|" * len(by_k))
+        for key, name in [("coherence_by_num_given", "missing targets only"),
+                          ("coherence_all_targets_by_num_given", "all targets")]:
+            if key in metrics:
+                lines.append(f"| {name} | " + " | ".join(_cell({**metrics[key], **{f'{k}_se': v for k, v in metrics.get(f'{key}_se', {}).items()}}, k)
+                                                      for k in by_k) + " |")
         lines.append("")
     probe = metrics.get("latent_linear_accuracy")
     if probe:
         lines += ["Latent linear classification (linear probe on the posterior mean, test accuracy):", ""]
         lines.append("| " + " | ".join(probe) + " |")
         lines.append("|" + "---|" * len(probe))
-        lines.append("| " + " | ".join(f"{v:.3f}" for v in probe.values()) + " |")
+        se = metrics.get("latent_linear_accuracy_se", {})
+        lines.append("| " + " | ".join(_cell({**probe, **{f"{k}_se": v for k, v in se.items()}}, k) for k in probe) + " |")
         lines.append("")
     unc = metrics.get("unconditional", {})
     if unc:
-        ucols = sorted({c for row in unc.values() for c in row})
-        lines += ["Unconditional generation: agreement = fraction of samples whose modalities agree on every factor they share.", ""]
+        ucols = sorted({c for row in unc.values() for c in row if not (c.endswith("_se") and c[:-3] in row)})
+        lines += [f"Unconditional generation (protocol {label}): agreement = fraction of samples whose modalities agree on every factor they share.", ""]
         lines.append("| prior | " + " | ".join(ucols) + " |")
         lines.append("|---|" + "---|" * len(ucols))
         for prior, row in unc.items():
             name = "latent score prior" if prior == "score" else "N(0, I)"
-            lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in ucols) + " |")
+            lines.append(f"| {name} | " + " | ".join(_cell(row, c) for c in ucols) + " |")
         lines.append("")
         if metrics.get("fd_name") and metrics["fd_name"] != "FID":
             lines += [f"{metrics['fd_name']} is a Fréchet distance in the label classifier's feature space, not Inception FID "
@@ -54,10 +116,12 @@ def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") ->
     if "real_images_clip_score" in ref:
         lines += [f"CLIP score (100·max(cos, 0), CLIP from {metrics.get('clip_model')}): real test images against their "
                   f"captions {ref['real_images_clip_score']:.2f} (the reference for image_clip_score above).", ""]
-    for key, val in metrics.items():
-        if key.endswith("_bound_bpd"):
-            lines += [f"{key[:-10]} decoder: likelihood bound {val['mean']:.3f} ± {val['se']:.3f} bits/dim "
-                      f"({val['examples']} test images, likelihood weighting, dequantised).", ""]
+    for m, val in _bound_bpd(metrics).items():
+        lines += [f"{m} decoder: reconstruction bound {val['mean']:.3f} ± {val['se']:.3f} bits/dim ({val['examples']} "
+                  "test images, likelihood weighting, dequantised) — a bound on −log p(x^m | z) at the posterior mean "
+                  "given all modalities (x^m included), not on −log p(x).", ""]
+    if "ledger" in metrics:
+        lines += _ledger_lines(metrics["ledger"])
     if "training" in metrics:
         lines += ["Training: " + ", ".join(f"{k} = {v}" for k, v in metrics["training"].items()), ""]
     path.write_text("\n".join(lines))

@@ -1,17 +1,29 @@
 r"""The evaluation of a trained model: every number and picture a person wants, read from the data set's spec.
 
+Which test examples and given subsets are scored is ``evaluation.protocol``
+(:mod:`~pyro_diffmvae.evaluation.protocol`: ``standard`` — the whole test split and every given
+subset — or ``quick``), recorded in ``metrics["protocol"]``; every rate has its standard error
+``<key>_se`` and F1 / FD a seeded bootstrap SE (:mod:`~pyro_diffmvae.evaluation.uncertainty`);
+:func:`evaluate` adds the bound ledger (:mod:`~pyro_diffmvae.evaluation.ledger`). The test
+examples are generated and scored ``evaluation.batch_size`` at a time: only per-example scores and
+features are kept.
+
 :func:`evaluate` runs the routine the data set's :class:`~pyro_diffmvae.data.spec.EvaluationSpec`
 names (:data:`ROUTINES`). Both generate, for every given subset :math:`S` of the modalities, the
 others from :math:`z\sim q(z\mid x_S)` and score them against the test example; and both sample
 unconditionally with :math:`z\sim\mathcal N(0, I)` and with the latent score prior.
 
-``"labels"`` (:func:`evaluate_with_labels`; every non-empty proper subset, optionally at most
-``evaluation.max_subsets_per_size`` per size):
+``"labels"`` (:func:`evaluate_with_labels`; the protocol's given subsets):
 
 * **coherence** (``<m>_coherence``, :mod:`~pyro_diffmvae.evaluation.coherence`) of every modality
   that is read back (clamped to [-1, 1] before a classifier reads it); ``coherence`` is the mean over
-  the generated modalities, ``coherence_by_num_given`` averages it over the subsets of each size (the
-  PolyMNIST table of the MoPoE and MMVAE+ papers);
+  the modalities not given (*missing targets only*, MMVAE+ / MultiVae), ``coherence_all_targets``
+  the mean over every modality with the given ones regenerated from the same z
+  (``<m>_coherence_regenerated``; MoPoE's convention; ``evaluation.coherence_all_targets``);
+  ``coherence_by_num_given`` (and ``coherence_all_targets_by_num_given``) average them over the
+  subsets of each size (the PolyMNIST table of the MoPoE and MMVAE+ papers);
+* **balanced accuracy** (``<m>_balanced_accuracy``, ``evaluation.balanced_accuracy``): the mean of
+  per-class recalls of the read-back labels;
 * **F1** (``<m>_f1``) of generated binary modalities (``ModalitySpec.f1``) against the truth (paper
   Table 3); their ``<m>_label_f1`` would repeat it and is left out;
 * **FD** (``<m>_FD_classifier`` or ``<m>_FID``, :mod:`~pyro_diffmvae.evaluation.frechet`) of every
@@ -27,16 +39,19 @@ examples, the first tenth of them held out for validation.
 "all (reconstruction)" row):
 
 * binary modalities: ``<m>_f1`` only; every other read-back modality: ``<m>_factor_acc``,
-  ``<m>_all_factors`` and ``<m>_<group>`` for the spec's ``factor_groups``;
+  ``<m>_all_factors`` and ``<m>_<group>`` for the spec's ``factor_groups`` (their ``_se`` the binomial
+  SE on the protocol's examples; for ``factor_acc``, a mean over factors, an approximation);
 * unconditional **agreement** of every pair of read-back modalities on the factors both carry, and
   the FD of the classifier-read modality (at most one: its FD is the row's ``FD_classifier``);
-* the likelihood bound of every diffusion decoder in bits/dim (:mod:`~pyro_diffmvae.evaluation.likelihood`).
+* the reconstruction bound of every diffusion decoder in bits/dim (:mod:`~pyro_diffmvae.evaluation.likelihood`);
+* the unconditional FD of this routine has no standard error.
 
 Its classifier trains on the whole training split, validated on the first (at most 1000) test examples.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -45,21 +60,28 @@ import torch
 from ..data.registry import get_dataset
 from ..data.spec import DatasetSpec, LabelSpec, ModalitySpec
 from ..figures import figure_captions, save_conditional_figure, save_unconditional_figure
-from ..metrics.f1 import sample_f1
+from ..metrics.f1 import per_example_f1
 from ..model import MultimodalVAE
 from .clip import caption_scorer
-from .coherence import all_agree, factor_scores, label_scores, pairwise_agreement
+from .coherence import agree_per_example, factor_scores, pairwise_agreement
 from .frechet import feature_fid, frechet_distance
-from .likelihood import diffusion_bound_bpd
+from .ledger import bound_ledger
+from .likelihood import diffusion_reconstruction_bound_bpd
 from .probe import latent_probe
+from .protocol import resolve_protocol
 from .readback import clamp_classifier_inputs, load_or_train_label_classifier, read_labels
-from .subsets import collate, given_subsets, restrict
+from .subsets import collate, given_subsets, restrict, slice_batch
+from .uncertainty import (balanced_accuracy, binomial_se, bootstrap_fd_se, bootstrap_mean_se, fd_of_features,
+                          mean_and_se)
 
 __all__ = ["ROUTINES", "evaluate", "evaluate_with_labels", "evaluate_factors"]
 
 
-def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figures: bool = True) -> dict:
-    """Every metric of the data set's evaluation routine (module docstring); figures in ``out_dir/figures``."""
+def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figures: bool = True,
+             objective=None) -> dict:
+    """Every metric of the data set's evaluation routine (module docstring) and the bound ledger
+    (``metrics["ledger"]``, :mod:`~pyro_diffmvae.evaluation.ledger`: ``objective`` is the training
+    objective, default the one bound to ``vae.conditional``); figures in ``out_dir/figures``."""
     dataset = get_dataset(cfg)
     if dataset.evaluation is None:
         raise ValueError(f"data set {dataset.name!r} declares no evaluation (DatasetSpec.evaluation is None); "
@@ -67,7 +89,9 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     routine = dataset.evaluation.routine
     if routine not in ROUTINES:
         raise ValueError(f"data set {dataset.name!r}: unknown evaluation routine {routine!r}; known: {sorted(ROUTINES)}")
-    return ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
+    metrics = ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
+    metrics["ledger"] = bound_ledger(vae, cfg, metrics, objective)
+    return metrics
 
 
 def _prepare(vae, cfg, train_set) -> tuple[list[str], DatasetSpec, dict[str, ModalitySpec], LabelSpec]:
@@ -97,14 +121,78 @@ def _unconditional_samples(vae, cfg, num: int):
                                 prior_sampler=cfg.latent_prior.sampler, prior_steps=cfg.latent_prior.sampler_steps)
 
 
+def _batch_size(ev) -> int:
+    bs = ev.get("batch_size", 96)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"evaluation.batch_size must be a positive integer, got {bs!r}")
+    return int(bs)
+
+
+def test_chunks(test_set, n: int, batch_size: int):
+    """``(start, batch)`` for the first ``n`` test examples in chunks of ``batch_size``: the
+    evaluation never holds the whole split, only per-example scores and features."""
+    for start in range(0, n, batch_size):
+        yield start, collate(test_set, range(start, min(n, start + batch_size)))
+
+
+def _hits(read: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(n, F)`` bool: whether each read-back label equals the truth."""
+    return read == labels
+
+
+def _per_example_coherence(hits: torch.Tensor, spec: LabelSpec) -> torch.Tensor:
+    """Per-example coherence value: several binary labels: the fraction right; else all right."""
+    return hits.float().mean(1) if spec.multi_binary else hits.all(1).float()
+
+
+def _balanced(hits: torch.Tensor, labels: torch.Tensor, spec: LabelSpec) -> tuple[float, float]:
+    """Balanced accuracy (mean per-class recall) of read-back labels and its SE: per binary label
+    then averaged (SEs combined as independent) for several binary labels, else over the classes of
+    the joint label."""
+    if spec.multi_binary:
+        parts = [balanced_accuracy(hits[:, j], labels[:, j]) for j in range(labels.shape[1])]
+        return (sum(p[0] for p in parts) / len(parts), math.sqrt(sum(p[1] ** 2 for p in parts)) / len(parts))
+    classes = torch.unique(labels, dim=0, return_inverse=True)[1]
+    return balanced_accuracy(hits.all(1), classes)
+
+
+def _features(fid, x: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` features of images in [-1, 1] in ``fid``'s feature space."""
+    extractor = fid.extractor
+    p = next(extractor.parameters(), None)
+    f = extractor(x.clamp(-1.0, 1.0).to(p.device if p is not None else x.device))
+    return f.reshape(f.shape[0], -1).double().cpu()
+
+
+def _fd_with_se(real: torch.Tensor, fake: torch.Tensor, protocol, paired: bool) -> tuple[float, float | None]:
+    fd = fd_of_features(real, fake)
+    if not (protocol.fd_bootstrap and protocol.bootstrap):
+        return fd, None
+    return fd, bootstrap_fd_se(real, fake, protocol.bootstrap, protocol.bootstrap_seed, paired=paired)
+
+
+class _Scores:
+    """Per-example scores accumulated over the test chunks, ``{(setting, key): [tensor, ...]}``."""
+
+    def __init__(self):
+        self.parts: dict = {}
+
+    def add(self, setting, key: str, value: torch.Tensor) -> None:
+        self.parts.setdefault((setting, key), []).append(value.detach().cpu())
+
+    def get(self, setting, key: str) -> torch.Tensor | None:
+        values = self.parts.get((setting, key))
+        return None if values is None else torch.cat(values)
+
+
 @torch.no_grad()
 def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figures: bool = True) -> dict:
-    """The ``"labels"`` routine (module docstring)."""
+    """The ``"labels"`` routine (module docstring), under ``evaluation.protocol``
+    (:mod:`~pyro_diffmvae.evaluation.protocol`), in chunks of ``evaluation.batch_size`` test examples."""
     ev = cfg.evaluation
     names, dataset, specs, spec = _prepare(vae, cfg, train_set)
-    n = min(ev.num_examples, len(test_set))
-    truth = collate(test_set, range(n))
-    labels = spec.labels_of(truth)
+    protocol = resolve_protocol(ev, len(test_set), names)
+    n, batch_size = protocol.num_examples, _batch_size(ev)
     classifiers, classifier_info = {}, {}
     n_train = min(len(train_set), int(ev.get("classifier_train_size", 10000)))
     for m in [m for m in names if specs[m].by_classifier]:
@@ -117,60 +205,150 @@ def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: 
         classifiers[m], classifier_info[m] = load_or_train_label_classifier(cfg, dataset, m, n_train, spec, data)
     fids = {m: feature_fid(ev, classifiers[m]) for m in classifiers}
     fd_name = next(iter(fids.values())).metric_name if fids else None
-    metrics: dict = {"num_examples": n, "sampler": ev.sampler, "sampler_steps": ev.sampler_steps, "conditional": {},
-                     "classifier": classifier_info, "fd_name": fd_name}
-    clip = caption_scorer(dataset.evaluation.clip, vae, test_set, truth, names, ev, metrics)
+    metrics: dict = {"num_examples": n, "protocol": protocol.record(), "sampler": ev.sampler,
+                     "sampler_steps": ev.sampler_steps, "conditional": {}, "classifier": classifier_info,
+                     "fd_name": fd_name}
+    clip_truth = collate(test_set, range(n)) if dataset.evaluation.clip is not None and ev.get("clip_model") else {}
+    clip = caption_scorer(dataset.evaluation.clip, vae, test_set, clip_truth, names, ev, metrics)
 
-    conditional_images = {}
-    for given in given_subsets(names, ev.get("max_subsets_per_size", None)):
-        targets = [m for m in names if m not in given]
-        gen = vae.generate(restrict(truth, given), given=list(given), targets=targets,
-                           sampler=ev.sampler, steps=ev.sampler_steps)
+    scores, clip_sums = _Scores(), {}
+    label_parts, probe_given = [], [[m] for m in names] + [list(names)]
+    probe_latents: dict[str, list] = {}
+    first_truth, conditional_images = None, {}
+    for start, truth in test_chunks(test_set, n, batch_size):
+        labels = spec.labels_of(truth)
+        label_parts.append(labels)
+        if first_truth is None:
+            first_truth = truth
+        for m in fids:
+            scores.add("real", m, _features(fids[m], truth[m]))
+        for given in probe_given:
+            key = "+".join(given) if len(given) < len(names) else "all"
+            probe_latents.setdefault(key, []).append(vae.posterior(truth, given=given).mean.cpu())
+        for given in protocol.given_subsets:
+            setting = "+".join(given)
+            missing = [m for m in names if m not in given]
+            targets = names if protocol.all_targets else missing
+            gen = vae.generate(restrict(truth, given), given=list(given), targets=targets,
+                               sampler=ev.sampler, steps=ev.sampler_steps)
+            for t in targets:
+                x = clamp_classifier_inputs(t, gen[t].cpu(), classifiers)
+                read = read_labels(t, x, specs[t], classifiers)
+                if t in given:  # the all-targets convention: a given modality regenerated
+                    if read is not None:
+                        scores.add(setting, f"{t}_regenerated_hits", _hits(read, labels))
+                    continue
+                if read is not None:
+                    scores.add(setting, f"{t}_hits", _hits(read, labels))
+                    if spec.multi_binary and not specs[t].f1:  # read directly: its label F1 is <m>_f1
+                        scores.add(setting, f"{t}_label_f1", per_example_f1(read.bool(), labels.bool()))
+                if specs[t].f1:
+                    scores.add(setting, f"{t}_f1", per_example_f1(x > 0.5, truth[t] > 0.5))
+                if t in fids:
+                    scores.add(setting, f"{t}_features", _features(fids[t], x))
+                if clip is not None and clip.applies(t, given):
+                    k = x.shape[0]
+                    s, c = clip_sums.get(setting, (0.0, 0))
+                    clip_sums[setting] = (s + k * clip.score(x, clip.captions[start:start + k]), c + k)
+            if start == 0 and len(conditional_images) < len(names):  # the single-modality rows of the figure
+                conditional_images[setting] = {t: gen[t] for t in missing}
+    labels = torch.cat(label_parts)
+
+    by_size: dict[int, dict[str, list]] = {}
+    for given in protocol.given_subsets:
+        setting = "+".join(given)
         row: dict[str, float] = {}
-        coherences = []
-        for t in targets:
-            x = clamp_classifier_inputs(t, gen[t].cpu(), classifiers)
-            read = read_labels(t, x, specs[t], classifiers)
-            if read is not None:
-                scores = label_scores(t, read, labels, spec)
-                if specs[t].f1:  # read directly: its label F1 is the <m>_f1 below
-                    scores.pop(f"{t}_label_f1", None)
-                row.update(scores)
-                coherences.append(scores[f"{t}_coherence"])
-            if specs[t].f1:
-                row[f"{t}_f1"] = sample_f1(x > 0.5, truth[t] > 0.5)
-            if t in fids:
-                row[f"{t}_{fd_name}"] = frechet_distance(fids[t], truth[t], x)
-            if clip is not None and clip.applies(t, given):
-                row[f"{t}_clip_score"] = clip(x)
-        if coherences:
-            row["coherence"] = sum(coherences) / len(coherences)
-        metrics["conditional"]["+".join(given)] = row
-        conditional_images["+".join(given)] = gen
-    by_size: dict[int, list[float]] = {}
-    for given, row in metrics["conditional"].items():
-        if "coherence" in row:
-            by_size.setdefault(len(given.split("+")), []).append(row["coherence"])
-    metrics["coherence_by_num_given"] = {str(k): sum(v) / len(v) for k, v in sorted(by_size.items())}
+        missing = [m for m in names if m not in given]
+        per_example, per_example_all, balanced = [], [], []
+        for t in names:
+            hits = scores.get(setting, f"{t}_hits")
+            if hits is not None:
+                value = _per_example_coherence(hits, spec)
+                per_example.append(value)
+                per_example_all.append(value)
+                row[f"{t}_coherence"], row[f"{t}_coherence_se"] = mean_and_se(value)
+                if protocol.balanced_accuracy:
+                    row[f"{t}_balanced_accuracy"], row[f"{t}_balanced_accuracy_se"] = _balanced(hits, labels, spec)
+                    balanced.append((row[f"{t}_balanced_accuracy"], row[f"{t}_balanced_accuracy_se"]))
+            regenerated = scores.get(setting, f"{t}_regenerated_hits")
+            if regenerated is not None:
+                value = _per_example_coherence(regenerated, spec)
+                per_example_all.append(value)
+                row[f"{t}_coherence_regenerated"], row[f"{t}_coherence_regenerated_se"] = mean_and_se(value)
+            for key in (f"{t}_label_f1", f"{t}_f1"):
+                f1 = scores.get(setting, key)
+                if f1 is not None:
+                    row[key] = float(f1.mean())
+                    if protocol.bootstrap:
+                        row[f"{key}_se"] = bootstrap_mean_se(f1, protocol.bootstrap, protocol.bootstrap_seed)
+            fake = scores.get(setting, f"{t}_features")
+            if fake is not None:
+                fd, se = _fd_with_se(scores.get("real", t), fake, protocol, paired=True)
+                row[f"{t}_{fd_name}"] = fd
+                if se is not None:
+                    row[f"{t}_{fd_name}_se"] = se
+            if setting in clip_sums and t in missing and clip.applies(t, given):
+                s, c = clip_sums[setting]
+                row[f"{t}_clip_score"] = s / c
+        if per_example:
+            row_value = torch.stack(per_example).mean(0)
+            row["coherence"], row["coherence_se"] = mean_and_se(row_value)
+            by_size.setdefault(len(given), {"missing": [], "all": []})["missing"].append(row_value)
+        if per_example_all and protocol.all_targets:
+            row_all = torch.stack(per_example_all).mean(0)
+            row["coherence_all_targets"], row["coherence_all_targets_se"] = mean_and_se(row_all)
+            by_size.setdefault(len(given), {"missing": [], "all": []})["all"].append(row_all)
+        if balanced:
+            row["balanced_accuracy"] = sum(b[0] for b in balanced) / len(balanced)
+            row["balanced_accuracy_se"] = math.sqrt(sum(b[1] ** 2 for b in balanced)) / len(balanced)
+        metrics["conditional"][setting] = row
+    for key, which in [("coherence_by_num_given", "missing"), ("coherence_all_targets_by_num_given", "all")]:
+        values = {str(k): mean_and_se(torch.stack(v[which]).mean(0)) for k, v in sorted(by_size.items()) if v[which]}
+        if values:
+            metrics[key] = {k: v[0] for k, v in values.items()}
+            metrics[f"{key}_se"] = {k: v[1] for k, v in values.items()}
 
     metrics["unconditional"] = {}
     samples = {}
-    for prior, gen in _unconditional_samples(vae, cfg, n):
-        samples[prior] = gen
-        gen = {m: clamp_classifier_inputs(m, x.cpu(), classifiers) for m, x in gen.items()}
-        reads = [r for r in (read_labels(m, gen[m], specs[m], classifiers) for m in names) if r is not None]
+    for prior, chunks in _unconditional_chunks(vae, cfg, n, batch_size):
+        agree, fake = [], {m: [] for m in fids}
+        for gen in chunks:
+            samples.setdefault(prior, gen)
+            gen = {m: clamp_classifier_inputs(m, x.cpu(), classifiers) for m, x in gen.items()}
+            reads = [r for r in (read_labels(m, gen[m], specs[m], classifiers) for m in names) if r is not None]
+            if len(reads) >= 2:
+                agree.append(agree_per_example(reads))
+            for m in fids:
+                fake[m].append(_features(fids[m], gen[m]))
         row = {}
-        if len(reads) >= 2:
-            row["agreement"] = all_agree(reads)
+        if agree:
+            row["agreement"], row["agreement_se"] = mean_and_se(torch.cat(agree).float())
         for m in fids:
-            row[f"{m}_{fd_name}"] = frechet_distance(fids[m], truth[m], gen[m])
+            fd, se = _fd_with_se(scores.get("real", m), torch.cat(fake[m]), protocol, paired=False)
+            row[f"{m}_{fd_name}"] = fd
+            if se is not None:
+                row[f"{m}_{fd_name}_se"] = se
         metrics["unconditional"][prior] = row
 
-    metrics["latent_linear_accuracy"] = latent_probe(vae, train_set, truth, labels, spec, names, ev)
+    test_latents = {k: torch.cat(v) for k, v in probe_latents.items()}
+    metrics["latent_linear_accuracy"] = latent_probe(vae, train_set, None, labels, spec, names, ev,
+                                                     test_latents=test_latents)
+    metrics["latent_linear_accuracy_se"] = {k: binomial_se(v, n) for k, v in metrics["latent_linear_accuracy"].items()}
     if figures:
-        shown = dict(list(conditional_images.items())[: len(names)])  # the single-modality rows
-        _save_figures(out_dir, truth, shown, samples, names, cfg)
+        _save_figures(out_dir, first_truth, conditional_images, samples, names, cfg)
     return metrics
+
+
+def _unconditional_chunks(vae, cfg, num: int, batch_size: int):
+    """``(prior, chunks)`` as :func:`_unconditional_samples`, ``num`` samples drawn ``batch_size`` at a time."""
+    ev = cfg.evaluation
+    for prior in ["normal", "score"]:
+        if prior == "score" and vae.latent_prior is None:
+            continue
+        sizes = [min(batch_size, num - i) for i in range(0, num, batch_size)]
+        yield prior, (vae.sample(k, prior=prior, sampler=ev.sampler, steps=ev.sampler_steps,
+                                 prior_sampler=cfg.latent_prior.sampler, prior_steps=cfg.latent_prior.sampler_steps)
+                      for k in sizes)
 
 
 @torch.no_grad()
@@ -179,7 +357,8 @@ def evaluate_factors(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path
     ev = cfg.evaluation
     names, dataset, specs, spec = _prepare(vae, cfg, train_set)
     groups = dataset.evaluation.factor_groups
-    n = min(ev.num_examples, len(test_set))
+    protocol = resolve_protocol(ev, len(test_set), names)
+    n, batch_size = protocol.num_examples, _batch_size(ev)
     # a DataLoader's iterator draws its base seed from the global RNG: the draws after it (and so the
     # numbers) are those of every run evaluated with this routine so far
     truth = next(iter(torch.utils.data.DataLoader(test_set, batch_size=n, shuffle=False)))
@@ -196,23 +375,29 @@ def evaluate_factors(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path
             return train[m], spec.labels_of(train), val[m], spec.labels_of(val)
 
         classifiers[m], classifier_info = load_or_train_label_classifier(cfg, dataset, m, len(train_set), spec, data)
-    metrics: dict = {"num_examples": n, "sampler": ev.sampler, "sampler_steps": ev.sampler_steps, "conditional": {},
-                     "classifier": classifier_info}
+    metrics: dict = {"num_examples": n, "protocol": protocol.record(), "sampler": ev.sampler,
+                     "sampler_steps": ev.sampler_steps, "conditional": {}, "classifier": classifier_info}
     conditional_images = {}
-    for given in given_subsets(names) + [tuple(names)]:
+    for given in given_subsets(names) + [tuple(names)]:  # this routine scores every given subset
         targets = [m for m in names if m not in given] or names
-        gen = vae.generate(restrict(truth, given), given=list(given), targets=targets,
-                           sampler=ev.sampler, steps=ev.sampler_steps)
+        chunks = [vae.generate(restrict(slice_batch(truth, slice(i, i + batch_size)), given), given=list(given),
+                               targets=targets, sampler=ev.sampler, steps=ev.sampler_steps)
+                  for i in range(0, n, batch_size)]
+        gen = {t: torch.cat([c[t].cpu() for c in chunks]) for t in targets}
         key = "+".join(given) if len(given) < len(names) else "all (reconstruction)"
         row = {}
         for t in targets:
-            x = gen[t].cpu()
+            x = gen[t]
             if specs[t].f1:
-                row[f"{t}_f1"] = sample_f1(x > 0.5, truth[t] > 0.5)
+                f1 = per_example_f1(x > 0.5, truth[t] > 0.5)
+                row[f"{t}_f1"] = float(f1.mean())
+                if protocol.bootstrap:
+                    row[f"{t}_f1_se"] = bootstrap_mean_se(f1, protocol.bootstrap, protocol.bootstrap_seed)
                 continue
             read = read_labels(t, x, specs[t], classifiers)
             if read is not None:
-                row.update(factor_scores(t, read, factors, groups))
+                for name, value in factor_scores(t, read, factors, groups).items():
+                    row[name], row[f"{name}_se"] = value, binomial_se(value, n)
         metrics["conditional"][key] = row
         conditional_images[key] = gen
 
@@ -224,11 +409,12 @@ def evaluate_factors(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path
         samples[prior] = gen
         reads = {m: read_labels(m, gen[m].cpu(), specs[m], classifiers) for m in names}
         row = {"agreement": pairwise_agreement({m: r for m, r in reads.items() if r is not None})}
+        row["agreement_se"] = binomial_se(row["agreement"], ev.num_unconditional)
         for m, fid in fids.items():  # a feed-forward mean may overshoot the data range
             row[fid.metric_name] = frechet_distance(fid, truth[m], gen[m].cpu().clamp(-1.0, 1.0))
             fd_name = fid.metric_name
         metrics["unconditional"][prior] = row
-    metrics.update(diffusion_bound_bpd(vae, truth, names, ev, n))
+    metrics.update(diffusion_reconstruction_bound_bpd(vae, truth, names, ev, n))
     metrics["fd_name"] = fd_name
     if figures:
         _save_figures(out_dir, truth, conditional_images, samples, names, cfg)

@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["sample_f1", "binarize", "UndefinedMetricWarning"]
+__all__ = ["sample_f1", "per_example_f1", "binarize", "UndefinedMetricWarning"]
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -69,6 +69,18 @@ def binarize(probs, threshold: float = 0.5) -> torch.Tensor:
     if torch.isnan(p).any():
         raise ValueError("binarize: probs contains NaN")
     return p > threshold
+
+
+def per_example_f1(pred, target, zero_division: float = 0.0) -> torch.Tensor:
+    r"""``(N,)`` float64: :math:`F1_i = 2|P_i\cap T_i|/(|P_i|+|T_i|)` of each example, ``zero_division``
+    where both sets are empty (0: what :func:`sample_f1` averages by default, without its warning);
+    their mean is :func:`sample_f1`. The bootstrap SE of the sample F1 resamples these values."""
+    p, t = _as_binary(pred, "pred"), _as_binary(target, "target")
+    if p.shape != t.shape:
+        raise ValueError(f"per_example_f1: pred has shape {tuple(p.shape)} but target has shape {tuple(t.shape)}")
+    tp = (p & t).sum(1).double()
+    denom = p.sum(1).double() + t.sum(1).double()
+    return torch.where(denom == 0, torch.full_like(tp, float(zero_division)), 2 * tp / denom.clamp_min(1))
 
 
 def sample_f1(pred, target, zero_division="warn") -> float:

@@ -40,6 +40,9 @@ class Objective:
     implement :meth:`per_example` (or override :meth:`loss` and :meth:`terms` together)."""
 
     name = "objective"
+    #: what :meth:`conditional` is, for reports, when a subclass overrides it: ``"product"`` or
+    #: ``"mixture"`` of the given experts (``None``: the model's fusion's)
+    conditional_kind: str | None = None
 
     def per_example(self, vae, batch: Mapping) -> dict[str, torch.Tensor]:
         """``{"loss": (B,), <part>: (B,), ...}``: the loss to minimise and its parts, per example."""

@@ -54,6 +54,7 @@ class MMVAE(Objective):
     """
 
     name = "mmvae"
+    conditional_kind = "mixture"
 
     def __init__(self, estimator: str = "elbo", num_samples: int = 1, beta: float | None = None):
         check_estimator(estimator, num_samples)

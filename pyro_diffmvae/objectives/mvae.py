@@ -49,6 +49,7 @@ class MVAE(Objective):
     """
 
     name = "mvae"
+    conditional_kind = "product"
 
     def __init__(self, num_random_subsets: int = 0, beta: float | None = None, prior_expert: bool = True):
         if not (isinstance(num_random_subsets, int) and num_random_subsets >= 0):

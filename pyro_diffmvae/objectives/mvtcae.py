@@ -41,6 +41,7 @@ class MVTCAE(Objective):
     """
 
     name = "mvtcae"
+    conditional_kind = "product"
 
     def __init__(self, alpha: float = 5.0 / 6.0, beta: float | None = None, prior_expert: bool = False):
         if not 0.0 <= alpha <= 1.0:

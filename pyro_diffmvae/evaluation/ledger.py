@@ -1,0 +1,88 @@
+r"""The bound ledger: what was trained and what each reported number estimates (``metrics["ledger"]``).
+
+* ``objective`` — the training objective (its name and repr); ``is_bound`` —
+  :meth:`~pyro_diffmvae.objectives.Objective.is_bound`: whether −loss estimates a lower bound on
+  :math:`\log p(x)` (only the ELBO with β = 1, every λ_m = 1 and every diffusion decoder with the
+  likelihood weighting, and the baselines' bound cases);
+* ``beta``, ``likelihood_weights`` (λ_m), and for each diffusion decoder its λ(t) weighting and
+  prediction target (``diffusion_decoders``);
+* ``protocol`` (:mod:`~pyro_diffmvae.evaluation.protocol`) and ``conditional`` (:func:`conditional_name`);
+* ``estimators`` — in words, what each likelihood number estimates; ``evaluation_networks`` — the
+  label classifiers (``metrics["classifier"]``), the Fréchet-distance feature space and the CLIP model.
+
+The objective is the one the run trained with (``diffmvae-train`` passes it; ``diffmvae-evaluate``
+rebuilds it from the run's config); without one, the objective bound to ``vae.conditional`` by
+:func:`~pyro_diffmvae.objectives.bind_objective` / ``build_model`` is used.
+"""
+
+from __future__ import annotations
+
+from ..objectives.base import Objective
+
+__all__ = ["conditional_name", "trained_objective", "bound_ledger"]
+
+
+def trained_objective(vae, objective=None) -> Objective | None:
+    """``objective``, else the :class:`Objective` whose ``conditional`` is ``vae.conditional``."""
+    if objective is not None:
+        return objective
+    owner = getattr(getattr(vae, "conditional", None), "__self__", None)
+    return owner if isinstance(owner, Objective) else None
+
+
+def conditional_name(vae) -> str:
+    """Which conditional q(z | x_given) ``vae.posterior`` / ``vae.generate`` use, in words: the
+    two-stage models' own, the training objective's (an override of
+    :meth:`Objective.conditional`: product or mixture of the given experts), or the fusion's."""
+    if hasattr(vae, "stage1") and hasattr(vae, "joint_dim"):  # a TwoStageVAE
+        return (f"two-stage ({vae.stage1} stage 1): the given modalities' own latents, the others completed by the "
+                "stage-2 joint latent diffusion's conditional sampler")
+    objective = trained_objective(vae)
+    fusion = vae.fusion
+    if objective is not None and type(objective).conditional is not Objective.conditional:
+        kind = objective.conditional_kind or f"{type(objective).__name__}.conditional (its own)"
+        extra = ""
+        if kind == "product" and hasattr(objective, "prior_expert"):
+            extra = f", prior expert {'in' if objective.prior_expert else 'not in'} the product"
+        return f"{kind} of the given experts ({type(objective).__name__}.conditional{extra})"
+    if fusion.conditional == "mixture":
+        return f"mixture of the given experts (fusion {fusion.name})"
+    return f"product of the given experts (fusion {fusion.name}, prior expert: {fusion.prior_expert})"
+
+
+def bound_ledger(vae, cfg, metrics: dict, objective=None) -> dict:
+    """The ledger of a run (module docstring)."""
+    objective = trained_objective(vae, objective)
+    beta = getattr(objective, "beta", None)
+    beta = float(vae.beta if beta is None else beta)
+    decoders = {}
+    for m, modality in vae.modalities.items():
+        if modality.is_diffusion:
+            decoder = modality.decoder
+            weighting = decoder.likelihood_kwargs["weighting"]
+            decoders[m] = {"weighting": weighting if isinstance(weighting, str) else repr(weighting),
+                           "prediction": decoder.prediction, "log_prob_is_bound": bool(decoder.is_bound),
+                           "log_prob": decoder.objective}
+    estimators = {"-loss": ("the training objective's loss per example; a lower bound on log p(x) only where "
+                            "is_bound is true")}
+    for key in metrics:
+        if key.endswith("_reconstruction_bound_bpd"):
+            estimators[key] = ("a reconstruction bound, not a bound on -log p(x): the score-matching bound of "
+                               "-log p(x^m | z) with the likelihood weighting and all its constants, dequantised, in "
+                               "bits/dim, at the posterior mean z = E q(z | all modalities, x^m included), Monte Carlo "
+                               "over diffusion times (mean ± SE over the test images)")
+    protocol = metrics.get("protocol", {})
+    return {
+        "objective": None if objective is None else getattr(objective, "name", type(objective).__name__),
+        "objective_repr": None if objective is None else repr(objective),
+        "is_bound": None if objective is None else bool(objective.is_bound(vae)),
+        "beta": beta,
+        "likelihood_weights": {m: float(modality.weight) for m, modality in vae.modalities.items()},
+        "diffusion_decoders": decoders,
+        "protocol": protocol.get("label"),
+        "conditional": conditional_name(vae),
+        "estimators": estimators,
+        "evaluation_networks": {"label_classifiers": metrics.get("classifier"), "fd_feature_space": metrics.get("fd_name"),
+                                "inception_weights": cfg.evaluation.get("inception_weights", None),
+                                "clip_model": metrics.get("clip_model")},
+    }
