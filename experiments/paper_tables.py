@@ -31,6 +31,12 @@ Tables (one Markdown and one CSV file each, rows = presets):
 
 Every FD column says in its header whether it is Inception FID or a classifier-feature FD. CLIP
 scores from different CLIP models are not comparable: the "CLIP model" column names the folder(s).
+
+Every table's caption names the evaluation protocol of its runs (``metrics["protocol"]["label"]``:
+``standard``, ``quick`` or ``"<protocol> (modified: ...)"``; runs from before protocols were recorded
+are ``unnamed``), and a table whose runs were evaluated under different protocols is refused
+(:func:`table_protocol`): their numbers are not comparable. Every coherence column names its
+convention: *missing targets only* (MMVAE+ / MultiVae, the default) or *all targets* (MoPoE).
 """
 
 from __future__ import annotations
@@ -98,6 +104,29 @@ def collect(out: Path) -> dict[str, list[dict]]:
 
 Column = tuple[str, Callable[[Mapping], float | str | None]]
 
+#: the protocol label of a run whose metrics.json predates evaluation protocols
+UNNAMED_PROTOCOL = "unnamed (metrics.json from before evaluation protocols)"
+
+
+def run_protocol(metrics: Mapping) -> str:
+    """The evaluation protocol a run was evaluated under (its label)."""
+    protocol = metrics.get("protocol")
+    return str(protocol.get("label", protocol.get("name"))) if isinstance(protocol, Mapping) else UNNAMED_PROTOCOL
+
+
+def table_protocol(table: str, runs: Mapping[str, list[dict]]) -> str:
+    """The one protocol of ``runs``; a clear error naming the presets when they mix protocols."""
+    by_protocol: dict[str, set[str]] = {}
+    for preset, seeds in runs.items():
+        for m in seeds:
+            by_protocol.setdefault(run_protocol(m), set()).add(preset)
+    if len(by_protocol) > 1:
+        which = "; ".join(f"{p}: {', '.join(sorted(presets))}" for p, presets in sorted(by_protocol.items()))
+        raise SystemExit(f"table {table}: its runs were evaluated under different protocols ({which}); their numbers "
+                         "are not comparable. Re-evaluate them under one protocol (diffmvae-evaluate "
+                         "evaluation.protocol=...) or build the table from runs of one protocol (another --out)")
+    return next(iter(by_protocol), UNNAMED_PROTOCOL)
+
 
 def _get(*keys: str) -> Callable[[Mapping], float | None]:
     def read(metrics: Mapping):
@@ -145,7 +174,7 @@ def _table1_cub(runs: Mapping[str, list[dict]]) -> list[Column]:
     return [(f"image {fd} given text", _get("conditional", "text", f"image_{fd}")),
             (f"image {fd} unconditional N(0,I)", _get("unconditional", "normal", f"image_{fd}")),
             (f"image {fd} unconditional score prior", _get("unconditional", "score", f"image_{fd}")),
-            ("image class coherence given text", _get("conditional", "text", "image_coherence"))]
+            ("image class coherence given text (missing targets only)", _get("conditional", "text", "image_coherence"))]
 
 
 def _table2_cub_clip(runs: Mapping[str, list[dict]]) -> list[Column]:
@@ -167,9 +196,11 @@ def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
 
 
 def _polymnist_coherence(runs: Mapping[str, list[dict]]) -> list[Column]:
-    return [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
+    all_targets = [(f"{k} given (all targets)", _get("coherence_all_targets_by_num_given", str(k))) for k in range(1, 5)]
+    return [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
         ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
-        ("unconditional score prior", _get("unconditional", "score", "agreement"))]
+        ("unconditional score prior", _get("unconditional", "score", "agreement"))] + (
+        all_targets if any("coherence_all_targets_by_num_given" in m for seeds in runs.values() for m in seeds) else [])
 
 
 #: table name → its columns for the runs it is built from
@@ -222,11 +253,12 @@ def write_tables(out: Path, results: Path) -> list[Path]:
         selected = {p: s for p, s in runs.items() if p.startswith(prefix)}
         if not selected:
             continue
+        protocol = table_protocol(kind, selected)
         columns = table_columns(kind, selected)
         rows = build_table(selected, columns)
         header = ["preset"] + [name for name, _ in columns]
-        written += _write_table(results, kind, f"{kind} (mean ± std over seeds, number of seeds in brackets)",
-                                header, rows, table_notes(kind, selected))
+        written += _write_table(results, kind, f"{kind}, evaluation protocol {protocol} (mean ± std over seeds, "
+                                "number of seeds in brackets)", header, rows, table_notes(kind, selected))
     return written
 
 
@@ -255,8 +287,8 @@ def zoo_presets(dataset: str, models: Sequence[str]) -> list[str]:
 
 
 def _zoo_coherence_columns(fd: str) -> list[Column]:
-    """The zoo columns of a labelled data set: coherence by number of given modalities."""
-    return [(f"{k} given", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
+    """The zoo columns of a labelled data set: coherence by number of given modalities (missing targets only)."""
+    return [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
 
 
 def _zoo_factor_columns(fd: str) -> list[Column]:
@@ -291,6 +323,8 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
     runs = collect(out)
     fd = _fd_name(runs)
     table = f"zoo_{dataset}"
+    presets = {f"{dataset}_{m}_cpu" for m in models}
+    protocol = table_protocol(table, {p: s for p, s in runs.items() if p in presets})
     layout = ZOO_LAYOUTS.get(table, ZooLayout())
     columns: list[Column] = [("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
     columns += layout.columns(fd)
@@ -312,7 +346,8 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
         return []
     header = ["model"] + [name for name, _ in columns] + (["published coherence 1/2/3/4 given"] if layout.published else [])
     return _write_table(results, table,
-                        f"{table}: every model with one budget (mean ± std over seeds, number of seeds in brackets)",
+                        f"{table}: every model with one budget, evaluation protocol {protocol} (mean ± std over "
+                        "seeds, number of seeds in brackets)",
                         header, rows, [f"Runs under {out}. The published numbers come from other budgets, backgrounds "
                                        "and classifiers: compare them for order of magnitude only."])
 

@@ -11,6 +11,10 @@ paper_tables = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(paper_tables)
 
 
+STANDARD = {"protocol": {"name": "standard", "label": "standard"}}
+QUICK = {"protocol": {"name": "quick", "label": "quick"}}
+
+
 def _write(out: Path, preset: str, seed: int, metrics: dict) -> None:
     d = out / preset / f"seed{seed}"
     d.mkdir(parents=True)
@@ -27,7 +31,8 @@ def test_polymnist_table_mean_and_sample_std(tmp_path):
     # mean 0.6, sample std sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
     assert "| polymnist_mopoe_cpu | 0.600 ± 0.141 (2) | 0.900 ± 0.000 (2) | – | – | 0.200 ± 0.141 (2) | – |" in md
     rows = (tmp_path / "results" / "polymnist_coherence.csv").read_text().splitlines()
-    assert rows[0].startswith("preset,1 given,2 given")
+    assert rows[0].startswith("preset,1 given (missing targets only),2 given (missing targets only)")
+    assert md.startswith(f"# polymnist_coherence, evaluation protocol {paper_tables.UNNAMED_PROTOCOL}")
 
 
 def test_celebamask_table_columns_follow_the_given_subsets(tmp_path):
@@ -51,16 +56,17 @@ def test_unknown_table_is_named():
 def test_cub_clip_table_means_and_says_when_no_clip_model_was_given(tmp_path):
     out = tmp_path / "runs"
     for seed, (generated, real) in enumerate([(20.0, 30.0), (24.0, 30.0)]):
-        _write(out, "cub_diffmvae_star_cpu", seed, {"clip_model": "/models/clip-vit-base-patch32",
+        _write(out, "cub_diffmvae_star_cpu", seed, {"clip_model": "/models/clip-vit-base-patch32", **STANDARD,
                                                     "conditional": {"text": {"image_clip_score": generated}},
                                                     "reference": {"real_images_clip_score": real}})
-    _write(out, "cub_mopoe_cpu", 0, {"clip_model": None, "fd_name": "FD_classifier",
+    _write(out, "cub_mopoe_cpu", 0, {"clip_model": None, "fd_name": "FD_classifier", **STANDARD,
                                      "conditional": {"text": {"image_FD_classifier": 50.0}}})
     written = paper_tables.write_tables(out, tmp_path / "results")
     assert tmp_path / "results" / "table2_cub_clip.csv" in written
     md = (tmp_path / "results" / "table2_cub_clip.md").read_text()
     header = [line for line in md.splitlines() if line.startswith("| preset")][0]
     assert header == "| preset | CLIP score image given text | CLIP score real test images (reference) | CLIP model |"
+    assert "evaluation protocol standard" in md.splitlines()[0]
     # mean 22, sample std sqrt((2^2 + 2^2) / 1) = 2.828
     assert "| cub_diffmvae_star_cpu | 22.000 ± 2.828 (2) | 30.000 ± 0.000 (2) | clip-vit-base-patch32 |" in md
     # no CLIP model: empty columns and a note, never a number
@@ -113,3 +119,28 @@ def test_a_finished_run_with_another_budget_is_not_reused(tmp_path):
     assert paper_tables.run_presets(["polymnist_mld_cpu"], [0], tmp_path / "runs", ["trainer.max_steps=600"]) == [run]
     with pytest.raises(SystemExit, match=r"other overrides .*trainer.max_steps=1000"):
         paper_tables.run_presets(["polymnist_mld_cpu"], [0], tmp_path / "runs", ["trainer.max_steps=1000"])
+
+
+def test_tables_name_the_protocol_and_refuse_to_mix_protocols(tmp_path):
+    """Catches: a table that averages or lists quick-protocol runs beside standard ones (64 examples and
+    2 subsets per size against the whole split: not comparable), or a caption without the protocol;
+    an all-targets coherence column reported under the default convention's name."""
+    out = tmp_path / "runs"
+    _write(out, "polymnist_mopoe_cpu", 0, {**QUICK, "coherence_by_num_given": {"1": 0.5},
+                                           "coherence_all_targets_by_num_given": {"1": 0.6}})
+    paper_tables.write_tables(out, tmp_path / "results")
+    md = (tmp_path / "results" / "polymnist_coherence.md").read_text()
+    assert md.startswith("# polymnist_coherence, evaluation protocol quick (")
+    header = [line for line in md.splitlines() if line.startswith("| preset")][0]
+    assert "| 1 given (missing targets only) |" in header and header.endswith("| 4 given (all targets) |")
+    assert "| polymnist_mopoe_cpu | 0.500 ± 0.000 (1) |" in md and "| 0.600 ± 0.000 (1) | – | – | – |" in md
+    _write(out, "polymnist_mvae_cpu", 0, {**STANDARD, "coherence_by_num_given": {"1": 0.7}})
+    with pytest.raises(SystemExit, match=r"polymnist_coherence: .*different protocols \(quick: polymnist_mopoe_cpu; "
+                                         r"standard: polymnist_mvae_cpu\)"):
+        paper_tables.write_tables(out, tmp_path / "results")
+    with pytest.raises(SystemExit, match="zoo_polymnist: .*different protocols"):
+        paper_tables.write_zoo_table(out, tmp_path / "results", "polymnist", ["mopoe", "mvae"])
+    # one seed of a preset under another protocol is refused too
+    _write(out, "polymnist_mvae_cpu", 1, {**QUICK, "coherence_by_num_given": {"1": 0.7}})
+    with pytest.raises(SystemExit, match="different protocols"):
+        paper_tables.table_protocol("t", {"polymnist_mvae_cpu": paper_tables.collect(out)["polymnist_mvae_cpu"]})
