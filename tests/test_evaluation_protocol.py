@@ -258,3 +258,29 @@ def test_the_ledger_names_the_mixture_of_mmvae():
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
         cfg = compose("config", overrides=["experiment=tiny", "model=mmvae"])
     assert conditional_name(build_model(cfg)).startswith("mixture of the given experts (MMVAE.conditional")
+
+
+def test_encode_once_reuses_the_experts_of_a_chunk_without_changing_generations():
+    """Catches: the encoder cache of the evaluation returning another tensor's expert (wrong
+    generations), or not caching at all (each of the 2^M − 2 subsets re-encoding its modalities)."""
+    from hydra import compose, initialize_config_module
+
+    from pyro_diffmvae.builders import build_model
+    from pyro_diffmvae.evaluation.routines import encode_once
+
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        cfg = compose("config", overrides=["experiment=tiny", "model=mopoe", "dataset.diffusion_modalities=[]"])
+    vae = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, "mask": (torch.rand(4, 1, 16, 16, generator=g) > 0.5).float()}
+    subsets = [["image"], ["mask"], ["image", "mask"]]
+    plain = [vae.posterior(batch, given=s).mean for s in subsets]
+    calls = []
+    encoder = vae.modalities["image"].encoder
+    handle = encoder.register_forward_hook(lambda *a: calls.append(1))
+    with encode_once(vae):
+        cached = [vae.posterior(batch, given=s).mean for s in subsets]
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert len(calls) == 1  # the image expert once for its two subsets
+    assert "encode" not in vars(vae.modalities["image"])  # restored

@@ -70,7 +70,12 @@ def test_user_dataset_and_networks_train_evaluate_and_sample_through_the_apps(tm
     assert given_vector["label_coherence"] == pytest.approx(expected, abs=1e-12)
     assert given_vector["label_f1"] == pytest.approx(expected, abs=1e-12)  # one-hot winner vs one-hot truth
     assert given_vector["coherence"] == pytest.approx(expected, abs=1e-12)  # the only generated modality
-    assert set(cond["label"]) == {"vector_coherence", "coherence"}  # vector: read back, not binary
+    # vector: read back, not binary; the all-targets convention regenerates the given label (read back too)
+    assert set(cond["label"]) == {"vector_coherence", "coherence", "label_coherence_regenerated", "coherence_all_targets",
+                                  "vector_coherence_se", "coherence_se", "label_coherence_regenerated_se",
+                                  "coherence_all_targets_se"}
+    assert metrics["protocol"]["label"] == "standard (modified: num_examples=8)"  # experiment=tiny
+    assert metrics["ledger"]["objective"] == "elbo" and metrics["ledger"]["protocol"] == metrics["protocol"]["label"]
     by_k = metrics["coherence_by_num_given"]
     assert by_k == {"1": pytest.approx((expected + cond["label"]["vector_coherence"]) / 2)}
     assert metrics["classifier"] == {} and metrics["fd_name"] is None  # no modality is read by a classifier

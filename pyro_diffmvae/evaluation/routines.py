@@ -52,6 +52,7 @@ Its classifier trains on the whole training split, validated on the first (at mo
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -171,6 +172,36 @@ def _fd_with_se(real: torch.Tensor, fake: torch.Tensor, protocol, paired: bool) 
     return fd, bootstrap_fd_se(real, fake, protocol.bootstrap, protocol.bootstrap_seed, paired=paired)
 
 
+@contextmanager
+def encode_once(vae):
+    """Within the block, each modality's encoder runs once per input tensor: the given subsets of a
+    chunk pass the same tensors (``restrict`` keeps them), so their experts are computed once instead
+    of once per subset (15 times as often for PolyMNIST's 30 subsets). The encoders are deterministic
+    in eval mode, so nothing changes but the cost."""
+    patched = []
+    for modality in getattr(vae, "modalities", {}).values():
+        if "encode" in vars(modality):  # already patched (nested use)
+            continue
+        original, memo = modality.encode, {}
+
+        def encode(x, *args, _original=original, _memo=memo, **kwargs):
+            key = (id(x), args, tuple(sorted(kwargs.items())))
+            hit = _memo.get(key)
+            if hit is not None and hit[0] is x:
+                return hit[1]
+            out = _original(x, *args, **kwargs)
+            _memo[key] = (x, out)
+            return out
+
+        modality.encode = encode
+        patched.append(modality)
+    try:
+        yield
+    finally:
+        for modality in patched:
+            del modality.encode
+
+
 class _Scores:
     """Per-example scores accumulated over the test chunks, ``{(setting, key): [tensor, ...]}``."""
 
@@ -225,33 +256,34 @@ def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: 
         for given in probe_given:
             key = "+".join(given) if len(given) < len(names) else "all"
             probe_latents.setdefault(key, []).append(vae.posterior(truth, given=given).mean.cpu())
-        for given in protocol.given_subsets:
-            setting = "+".join(given)
-            missing = [m for m in names if m not in given]
-            targets = names if protocol.all_targets else missing
-            gen = vae.generate(restrict(truth, given), given=list(given), targets=targets,
-                               sampler=ev.sampler, steps=ev.sampler_steps)
-            for t in targets:
-                x = clamp_classifier_inputs(t, gen[t].cpu(), classifiers)
-                read = read_labels(t, x, specs[t], classifiers)
-                if t in given:  # the all-targets convention: a given modality regenerated
+        with encode_once(vae):  # the chunk's experts once for all its given subsets
+            for given in protocol.given_subsets:
+                setting = "+".join(given)
+                missing = [m for m in names if m not in given]
+                targets = names if protocol.all_targets else missing
+                gen = vae.generate(restrict(truth, given), given=list(given), targets=targets,
+                                   sampler=ev.sampler, steps=ev.sampler_steps)
+                for t in targets:
+                    x = clamp_classifier_inputs(t, gen[t].cpu(), classifiers)
+                    read = read_labels(t, x, specs[t], classifiers)
+                    if t in given:  # the all-targets convention: a given modality regenerated
+                        if read is not None:
+                            scores.add(setting, f"{t}_regenerated_hits", _hits(read, labels))
+                        continue
                     if read is not None:
-                        scores.add(setting, f"{t}_regenerated_hits", _hits(read, labels))
-                    continue
-                if read is not None:
-                    scores.add(setting, f"{t}_hits", _hits(read, labels))
-                    if spec.multi_binary and not specs[t].f1:  # read directly: its label F1 is <m>_f1
-                        scores.add(setting, f"{t}_label_f1", per_example_f1(read.bool(), labels.bool()))
-                if specs[t].f1:
-                    scores.add(setting, f"{t}_f1", per_example_f1(x > 0.5, truth[t] > 0.5))
-                if t in fids:
-                    scores.add(setting, f"{t}_features", _features(fids[t], x))
-                if clip is not None and clip.applies(t, given):
-                    k = x.shape[0]
-                    s, c = clip_sums.get(setting, (0.0, 0))
-                    clip_sums[setting] = (s + k * clip.score(x, clip.captions[start:start + k]), c + k)
-            if start == 0 and len(conditional_images) < len(names):  # the single-modality rows of the figure
-                conditional_images[setting] = {t: gen[t] for t in missing}
+                        scores.add(setting, f"{t}_hits", _hits(read, labels))
+                        if spec.multi_binary and not specs[t].f1:  # read directly: its label F1 is <m>_f1
+                            scores.add(setting, f"{t}_label_f1", per_example_f1(read.bool(), labels.bool()))
+                    if specs[t].f1:
+                        scores.add(setting, f"{t}_f1", per_example_f1(x > 0.5, truth[t] > 0.5))
+                    if t in fids:
+                        scores.add(setting, f"{t}_features", _features(fids[t], x))
+                    if clip is not None and clip.applies(t, given):
+                        k = x.shape[0]
+                        s, c = clip_sums.get(setting, (0.0, 0))
+                        clip_sums[setting] = (s + k * clip.score(x, clip.captions[start:start + k]), c + k)
+                if start == 0 and len(conditional_images) < len(names):  # the single-modality rows of the figure
+                    conditional_images[setting] = {t: gen[t] for t in missing}
     labels = torch.cat(label_parts)
 
     by_size: dict[int, dict[str, list]] = {}
