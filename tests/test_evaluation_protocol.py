@@ -284,3 +284,31 @@ def test_encode_once_reuses_the_experts_of_a_chunk_without_changing_generations(
     assert all(torch.equal(a, b) for a, b in zip(plain, cached))
     assert len(calls) == 1  # the image expert once for its two subsets
     assert "encode" not in vars(vae.modalities["image"])  # restored
+
+
+def test_channels_last_decodes_the_same_and_restores_the_weights():
+    """Catches: the channels-last evaluation changing what a decoder generates (beyond float round-off),
+    leaving the weights channels-last after the evaluation (a later training step or checkpoint would
+    see another layout), or converting anything when ``evaluation.channels_last=false``."""
+    from hydra import compose, initialize_config_module
+
+    from pyro_diffmvae.builders import build_model
+    from pyro_diffmvae.evaluation.routines import channels_last
+
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        cfg = compose("config", overrides=["experiment=tiny", "model=mopoe", "dataset.diffusion_modalities=[]"])
+    vae = build_model(cfg).eval()
+    convs = [c for c in vae.modules() if isinstance(c, torch.nn.ConvTranspose2d)]
+    assert convs, "the tiny preset's feed-forward image decoder has transposed convolutions"
+    z = torch.randn(5, cfg.model.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = vae.decode(z)
+        with channels_last(OmegaConf.create({"channels_last": True}), vae):
+            assert all(c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
+                       for c in convs)
+            fast = vae.decode(z)
+        with channels_last(OmegaConf.create({"channels_last": False}), vae):
+            assert all(c.weight.is_contiguous() for c in convs)
+    assert all(c.weight.is_contiguous() for c in convs)
+    for m in plain:
+        torch.testing.assert_close(fast[m], plain[m], rtol=1e-5, atol=1e-5)

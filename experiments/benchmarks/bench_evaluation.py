@@ -8,8 +8,10 @@ r"""Cost of the standard evaluation protocol on a PolyMNIST-sized model, and of 
 **Evaluation.** :func:`pyro_diffmvae.evaluation.routines.evaluate_with_labels` under
 ``evaluation.protocol=standard`` on the first ``N`` examples (``--num-examples``, default 10,000, the
 PolyMNIST test split) × all 30 given subsets, both coherence conventions, balanced accuracy and the
-seeded bootstrap (``--bootstrap`` resamples) of F1 and FD, timed twice: with and without the FD
-bootstrap (``evaluation.fd_bootstrap``). The label classifiers are trained first (a few steps, on
+seeded bootstrap (``--bootstrap`` resamples) of F1 and FD, timed (through
+:func:`~pyro_diffmvae.evaluation.routines.evaluate`) with the model's weights channels-last and
+without (``evaluation.channels_last``, the ratio printed), and with the FD bootstrap
+(``evaluation.fd_bootstrap``). The label classifiers are trained first (a few steps, on
 random images, cached in a temporary folder) and are not part of the timed evaluation.
 
 **Diffusion decoding.** One PolyMNIST diffusion decoder of ``experiment=polymnist_diffmvae_star_cpu``
@@ -72,13 +74,14 @@ def main() -> None:
     print("\n".join(hardware_lines(device)))
 
     from pyro_diffmvae.builders import build_model
-    from pyro_diffmvae.evaluation.routines import evaluate_with_labels
+    from pyro_diffmvae.evaluation.routines import evaluate
 
     cache = tempfile.mkdtemp(prefix="bench_evaluation_")
     test_set, train_set = RandomPolyMNIST(args.num_examples, 0), RandomPolyMNIST(1000, 1)
 
-    def cfg(fd_bootstrap: bool):
+    def cfg(fd_bootstrap: bool, channels_last: bool = True):
         return compose("polymnist_mopoe_cpu", "evaluation.protocol=standard", f"evaluation.bootstrap={args.bootstrap}",
+                       f"evaluation.channels_last={str(channels_last).lower()}",
                        f"evaluation.fd_bootstrap={str(fd_bootstrap).lower()}", "evaluation.balanced_accuracy=true",
                        f"evaluation.batch_size={args.batch_size}", "evaluation.classifier_steps=5",
                        "evaluation.classifier_train_size=1000", "evaluation.probe_train_size=1000",
@@ -87,15 +90,19 @@ def main() -> None:
     torch.manual_seed(0)
     vae = build_model(cfg(False))
     start = time.perf_counter()
-    evaluate_with_labels(vae, RandomPolyMNIST(8, 2), train_set, cfg(False), Path(cache), figures=False)
+    evaluate(vae, RandomPolyMNIST(8, 2), train_set, cfg(False), Path(cache), figures=False)
     print(f"\nclassifiers trained and cached (not timed below): {time.perf_counter() - start:.1f} s")
-    for fd_bootstrap in ([False] if args.skip_fd_bootstrap else [False, True]):
+    settings = [(False, True), (False, False)] + ([] if args.skip_fd_bootstrap else [(True, True)])
+    seconds = {}
+    for fd_bootstrap, channels_last in settings:
         start = time.perf_counter()
-        metrics = evaluate_with_labels(vae, test_set, train_set, cfg(fd_bootstrap), Path(cache), figures=False)
-        seconds = time.perf_counter() - start
+        metrics = evaluate(vae, test_set, train_set, cfg(fd_bootstrap, channels_last), Path(cache), figures=False)
+        seconds[fd_bootstrap, channels_last] = time.perf_counter() - start
         print(f"standard protocol, feed-forward PolyMNIST model: {metrics['num_examples']} examples x "
               f"{metrics['protocol']['num_given_subsets']} given subsets, bootstrap {args.bootstrap}, FD bootstrap "
-              f"{'on' if fd_bootstrap else 'off'}: {seconds:.1f} s")
+              f"{'on' if fd_bootstrap else 'off'}, channels_last {'on' if channels_last else 'off'}: "
+              f"{seconds[fd_bootstrap, channels_last]:.1f} s")
+    print(f"channels_last speed-up (same run, FD bootstrap off): {seconds[False, False] / seconds[False, True]:.2f}x")
 
     dcfg = compose("polymnist_diffmvae_star_cpu")
     decoder = build_model(dcfg).modalities["m0"].decoder.eval()
