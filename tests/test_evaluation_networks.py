@@ -222,13 +222,16 @@ def test_polymnist_evaluation_reads_with_the_published_classifiers_and_reports_t
     text = (tmp_path / "report.md").read_text()
     assert f"label classifier of m1: published (MoPoE ClfImg from {folder}" in text
     assert "FD_classifier: penultimate features of each modality's label classifier" in text
+    assert ("the samples are scored by FD_classifier, not FID; set evaluation.fid_inception_weights (the FID "
+            "Inception) to read them") in text
 
     trained = evaluate(vae, test_set, train_set, _polymnist_cfg(tmp_path), tmp_path / "trained", figures=False)
     assert trained["classifier"]["m0"]["source"].startswith(f"trained by this run (cache {tmp_path / 'cache'}")
     write_report(trained, tmp_path / "trained.md")
     text = (tmp_path / "trained.md").read_text()
     assert "label classifier of m0: trained by this run (cache" in text
-    assert "not comparable with published tables" in text and "evaluation.classifiers_dir (the released MoPoE ClfImg" in text
+    assert "read by label classifiers trained by this library (m0, m1) and scored by FD_classifier" in text
+    assert "set evaluation.classifiers_dir (the released MoPoE ClfImg classifiers) and evaluation.fid_inception" in text
 
 
 # ------------------------------------------------------------------------------ FID Inception

@@ -61,12 +61,17 @@ def _networks_lines(nets: dict) -> list[str]:
     if nets.get("clip_model"):
         lines.append(f"* CLIP model: {nets['clip_model']}")
     if nets.get("as_published") is False:
-        fix = ["evaluation.fid_inception_weights (the FID Inception)"]
-        if nets.get("published_classifiers"):
-            fix.insert(0, f"evaluation.classifiers_dir (the released {nets['published_classifiers']} classifiers)")
-        lines.append("* **not comparable with published tables**: the samples are read by label classifiers trained by "
-                     f"this library and/or scored by FD_classifier; set {' and '.join(fix)} to read them as the "
-                     "literature does")
+        trained = [m for m, source in (nets.get("label_classifiers") or {}).items() if not str(source).startswith("published")]
+        why, fix = [], []
+        if trained:
+            why.append(f"read by label classifiers trained by this library ({', '.join(trained)})")
+            if nets.get("published_classifiers"):
+                fix.append(f"evaluation.classifiers_dir (the released {nets['published_classifiers']} classifiers)")
+        if nets.get("fd_name") not in (None, "FID"):
+            why.append(f"scored by {nets['fd_name']}, not FID")
+            fix.append("evaluation.fid_inception_weights (the FID Inception)")
+        lines.append("* **not comparable with published tables**: the samples are " + " and ".join(why)
+                     + (f"; set {' and '.join(fix)} to read them as the literature does" if fix else ""))
     return lines
 
 

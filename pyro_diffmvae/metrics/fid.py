@@ -106,6 +106,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(lam).sum())
 
 
+def _check_gray_or_rgb(x: torch.Tensor, who: str) -> None:
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{who} expects images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+
+
 class InceptionFeatures(nn.Module):
     """torchvision Inception-v3 pool features (2048-d) with weights from a local file.
 
@@ -164,8 +169,7 @@ class InceptionFeatures(nn.Module):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images → resized, ImageNet-normalised RGB batch of shape (N, 3, 299, 299)."""
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures expects images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+        _check_gray_or_rgb(x, "InceptionFeatures")
         x = (x.float() + 1.0) / 2.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -227,8 +231,7 @@ class FIDInceptionFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"FIDInceptionFeatures expects images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+        _check_gray_or_rgb(x, "FIDInceptionFeatures")
         u = quantize_images(x)
         return self.net(u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u)
 
