@@ -1,5 +1,6 @@
-"""Files written so that a crash never leaves half of one (:func:`atomic_torch_save`), and caches built
-once when many processes want them at the same time (:func:`exclusive_lock`)."""
+"""Files written so that a crash never leaves half of one (:func:`atomic_torch_save`), caches built
+once when many processes want them at the same time (:func:`exclusive_lock`), and pretrained weights
+read from a local file without running pickled code (:func:`read_state_dict`, :func:`load_state_dict_strict`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
+from torch import nn
 
-__all__ = ["atomic_torch_save", "exclusive_lock"]
+__all__ = ["atomic_torch_save", "exclusive_lock", "read_state_dict", "load_state_dict_strict"]
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
@@ -87,3 +89,54 @@ def exclusive_lock(path: str | os.PathLike, timeout: float | None = None, poll: 
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """The state dict of ``what`` (e.g. ``"FID Inception weights"``) saved at ``path``.
+
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain containers only, so a
+    file can never run code when it is read. It holds ``torch.save(module.state_dict(), path)``, or
+    a checkpoint dict with the state dict under ``"state_dict"``. A whole pickled module is refused
+    (unpickling it would run arbitrary code): save its ``state_dict()`` instead.
+
+    :raises FileNotFoundError: naming ``path`` when there is no such file (nothing is downloaded).
+    :raises ValueError: naming ``path`` and the problem when the file is unreadable (corrupt, a pickled
+        module) or holds no mapping of parameter names to tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no file {path!r} (nothing is downloaded; put the weights file there)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{what}: could not read {path!r} as tensors only (torch.load(weights_only=True)): {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''} -- a corrupt file, or a whole pickled module (refused: "
+            "unpickling runs arbitrary code; save torch.save(module.state_dict(), path) instead)"
+        ) from e
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(f"{what}: {path!r} holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
+    bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise ValueError(f"{what}: {path!r} is not a state dict: entries {bad[:5]} are not parameter name -> tensor")
+    return dict(state)
+
+
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                           what: str) -> nn.Module:
+    """``module.load_state_dict(state, strict=True)``, a mismatch a :class:`ValueError` naming ``path``
+    and every missing key, unexpected key and wrong shape (file's and expected)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{label} {items}" for label, items in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)) if items]
+        raise ValueError(f"{what}: {os.fspath(path)!r} does not fit the architecture ({type(module).__name__}): "
+                         + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+    return module

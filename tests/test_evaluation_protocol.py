@@ -101,7 +101,7 @@ class FakeVAE:
 def _cfg(**evaluation):
     ev = dict(protocol="standard", num_examples=None, max_subsets_per_size=None, batch_size=3, sampler="ddim",
               sampler_steps=5, bootstrap=50, bootstrap_seed=0, fd_bootstrap=True, balanced_accuracy=True,
-              coherence_all_targets=True, probe_train_size=16, clip_model=None, inception_weights=None)
+              coherence_all_targets=True, probe_train_size=16, clip_model=None, fid_inception_weights=None)
     ev.update(evaluation)
     return OmegaConf.create({"dataset": {"name": "protocol_toy"}, "evaluation": ev,
                              "latent_prior": {"sampler": "ddim", "sampler_steps": 5}})

@@ -62,10 +62,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..io import atomic_torch_save, exclusive_lock
-from .spec import BY_CLASSIFIER, DatasetSpec, EvaluationSpec, LabelSpec, ModalitySpec
+from ..metrics.published_classifiers import MOPOE_CLASSIFIER_FILE, load_mopoe_digit_classifier
+from .spec import BY_CLASSIFIER, DatasetSpec, EvaluationSpec, LabelSpec, ModalitySpec, PublishedClassifiers
 
 __all__ = [
     "SPEC",
+    "PUBLISHED_CLASSIFIERS",
     "build_datasets",
     "modality_specs",
     "DEFAULT_BACKGROUNDS",
@@ -709,7 +711,13 @@ def _digit_of(batch: Mapping) -> torch.Tensor:
 
 _LABELS = LabelSpec((10,), _digit_of)
 
+#: MoPoE's released digit classifiers (``<evaluation.classifiers_dir>/pretrained_img_to_digit_clf_m<k>``,
+#: :mod:`pyro_diffmvae.metrics.published_classifiers`)
+PUBLISHED_CLASSIFIERS = PublishedClassifiers("MoPoE ClfImg", MOPOE_CLASSIFIER_FILE, load_mopoe_digit_classifier)
+
 #: the data set as the builders and the evaluation see it (:mod:`pyro_diffmvae.data.spec`): every
-#: modality shows the same digit, read back by a classifier per modality
+#: modality shows the same digit, read back by a classifier per modality (trained, or MoPoE's released
+#: ones with ``evaluation.classifiers_dir``)
 SPEC = DatasetSpec(name="polymnist", title="PolyMNIST", build=build_datasets, modalities=modality_specs,
-                   evaluation=EvaluationSpec("labels", labels=lambda cfg, train_set: _LABELS))
+                   evaluation=EvaluationSpec("labels", labels=lambda cfg, train_set: _LABELS,
+                                             published_classifiers=PUBLISHED_CLASSIFIERS))

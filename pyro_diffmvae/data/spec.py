@@ -12,7 +12,8 @@ neither of them holds a data-set name. Each loader module (``data/shapes.py``, `
   column ``f`` taking ``num_classes[f]`` values, and the function reading them from a real batch.
 * :class:`EvaluationSpec` — which evaluation routine scores the data set (a name of
   :data:`pyro_diffmvae.evaluation.routines.ROUTINES`), its labels, the factor groups it reports and
-  whether it has a CLIP score (:class:`ClipSpec`).
+  whether it has a CLIP score (:class:`ClipSpec`) and released label classifiers
+  (:class:`PublishedClassifiers`, read instead of trained ones when ``evaluation.classifiers_dir`` is set).
 
 Read-back (``ModalitySpec.read``): a generated ``x`` of a modality becomes ``(N, F)`` long labels by
 
@@ -34,7 +35,8 @@ from typing import Callable, Mapping
 
 import torch
 
-__all__ = ["BY_CLASSIFIER", "ModalitySpec", "LabelSpec", "ClipSpec", "EvaluationSpec", "DatasetSpec"]
+__all__ = ["BY_CLASSIFIER", "ModalitySpec", "LabelSpec", "ClipSpec", "PublishedClassifiers", "EvaluationSpec",
+           "DatasetSpec"]
 
 #: ``ModalitySpec.read``: read back by a label classifier trained on the training split
 BY_CLASSIFIER = "classifier"
@@ -121,6 +123,26 @@ class ClipSpec:
 
 
 @dataclass(frozen=True)
+class PublishedClassifiers:
+    """Label classifiers released with a paper, one file per classifier-read modality in the folder
+    ``evaluation.classifiers_dir``: the evaluation reads them instead of training its own, so that
+    its coherence is comparable with the published tables.
+
+    :param name: what they are, for reports (``"MoPoE ClfImg"``).
+    :param file_name: a modality's file in the folder, ``file_name.format(modality=m)``
+        (``"pretrained_img_to_digit_clf_{modality}"``).
+    :param load: ``path -> classifier`` in the library's conventions (forward: images in [-1, 1] →
+        one ``(N, K_f)`` logits tensor per label column; ``feature_extractor()``; ``factor_sizes``),
+        e.g. a :class:`~pyro_diffmvae.metrics.published_classifiers.PublishedClassifier`; a missing or
+        bad file raises an error naming it.
+    """
+
+    name: str
+    file_name: str
+    load: Callable[[object], object]
+
+
+@dataclass(frozen=True)
 class EvaluationSpec:
     """How a data set is evaluated.
 
@@ -131,12 +153,15 @@ class EvaluationSpec:
     :param factor_groups: ``"factors"`` routine: ``{group: label columns}``; ``<m>_<group>`` is the
         fraction of generated ``m`` whose read-back labels are right in every column of the group.
     :param clip: the CLIP score, or ``None``.
+    :param published_classifiers: released label classifiers, read when ``evaluation.classifiers_dir``
+        is set (``None``: the data set has none, and setting it is an error).
     """
 
     routine: str
     labels: Callable[[object, object], LabelSpec]
     factor_groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     clip: ClipSpec | None = None
+    published_classifiers: PublishedClassifiers | None = None
 
 
 @dataclass(frozen=True)

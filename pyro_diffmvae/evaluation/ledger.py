@@ -7,8 +7,12 @@ r"""The bound ledger: what was trained and what each reported number estimates (
 * ``beta``, ``likelihood_weights`` (λ_m), and for each diffusion decoder its λ(t) weighting and
   prediction target (``diffusion_decoders``);
 * ``protocol`` (:mod:`~pyro_diffmvae.evaluation.protocol`) and ``conditional`` (:func:`conditional_name`);
-* ``estimators`` — in words, what each likelihood number estimates; ``evaluation_networks`` — the
-  label classifiers (``metrics["classifier"]``), the Fréchet-distance feature space and the CLIP model.
+* ``estimators`` — in words, what each likelihood number estimates; ``evaluation_networks`` — where
+  each label classifier comes from (``label_classifiers``: ``{modality: "published (<name> from
+  <path>)" | "trained by this run (cache <path>)" | ...}``), the Fréchet distance's name and feature
+  space (``fd_feature_space``), the FID Inception weights file and the CLIP model; ``as_published``:
+  whether the samples are read by the networks the published tables use (published classifiers, FID
+  if any FD) — the data and the protocol may still differ.
 
 The objective is the one the run trained with (``diffmvae-train`` passes it; ``diffmvae-evaluate``
 rebuilds it from the run's config); without one, the objective bound to ``vae.conditional`` by
@@ -17,9 +21,11 @@ rebuilds it from the run's config); without one, the objective bound to ``vae.co
 
 from __future__ import annotations
 
+from ..data.registry import get_dataset
 from ..objectives.base import Objective
+from .frechet import fd_feature_space
 
-__all__ = ["conditional_name", "trained_objective", "bound_ledger"]
+__all__ = ["conditional_name", "trained_objective", "evaluation_networks", "bound_ledger"]
 
 
 def trained_objective(vae, objective=None) -> Objective | None:
@@ -82,7 +88,22 @@ def bound_ledger(vae, cfg, metrics: dict, objective=None) -> dict:
         "protocol": protocol.get("label"),
         "conditional": conditional_name(vae),
         "estimators": estimators,
-        "evaluation_networks": {"label_classifiers": metrics.get("classifier"), "fd_feature_space": metrics.get("fd_name"),
-                                "inception_weights": cfg.evaluation.get("inception_weights", None),
-                                "clip_model": metrics.get("clip_model")},
+        "evaluation_networks": evaluation_networks(cfg, metrics),
     }
+
+
+def evaluation_networks(cfg, metrics: dict) -> dict:
+    """Which networks read the generated samples (module docstring): ``label_classifiers`` (source per
+    modality), ``fd_name``, ``fd_feature_space``, ``fid_inception_weights``, ``clip_model``,
+    ``published_classifiers`` (the name of the data set's released classifiers, ``None`` if it has none)
+    and ``as_published`` (``True`` when every label classifier is published and the FD, if any, is FID)."""
+    info = metrics.get("classifier") or {}
+    sources = {m: i.get("source") for m, i in info.items() if isinstance(i, dict)}
+    fd_name = metrics.get("fd_name")
+    published = all(str(s).startswith("published") for s in sources.values())
+    evaluation = get_dataset(cfg).evaluation
+    released = getattr(evaluation, "published_classifiers", None)
+    return {"label_classifiers": sources, "fd_name": fd_name, "fd_feature_space": fd_feature_space(cfg.evaluation, fd_name),
+            "fid_inception_weights": cfg.evaluation.get("fid_inception_weights", None),
+            "clip_model": metrics.get("clip_model"), "published_classifiers": None if released is None else released.name,
+            "as_published": published and fd_name in (None, "FID")}

@@ -48,11 +48,31 @@ def _ledger_lines(ledger: dict) -> list[str]:
               f"* conditional q(z | x_given) generated from: {ledger.get('conditional')}"]
     for key, text in ledger.get("estimators", {}).items():
         lines.append(f"* {key}: {text}")
-    nets = ledger.get("evaluation_networks", {})
-    lines.append(f"* evaluation networks: label classifiers {nets.get('label_classifiers')}; FD feature space "
-                 f"{nets.get('fd_feature_space')} (Inception weights: {nets.get('inception_weights')}); "
-                 f"CLIP model: {nets.get('clip_model')}")
-    return lines + [""]
+    return lines + _networks_lines(ledger.get("evaluation_networks", {})) + [""]
+
+
+def _networks_lines(nets: dict) -> list[str]:
+    """Which networks read the samples: each label classifier's source, the FD's feature space, CLIP."""
+    lines = []
+    for m, source in (nets.get("label_classifiers") or {}).items():
+        lines.append(f"* label classifier of {m}: {source}")
+    if nets.get("fd_feature_space"):
+        lines.append(f"* Fréchet distance {nets['fd_feature_space']}")
+    if nets.get("clip_model"):
+        lines.append(f"* CLIP model: {nets['clip_model']}")
+    if nets.get("as_published") is False:
+        trained = [m for m, source in (nets.get("label_classifiers") or {}).items() if not str(source).startswith("published")]
+        why, fix = [], []
+        if trained:
+            why.append(f"read by label classifiers trained by this library ({', '.join(trained)})")
+            if nets.get("published_classifiers"):
+                fix.append(f"evaluation.classifiers_dir (the released {nets['published_classifiers']} classifiers)")
+        if nets.get("fd_name") not in (None, "FID"):
+            why.append(f"scored by {nets['fd_name']}, not FID")
+            fix.append("evaluation.fid_inception_weights (the FID Inception)")
+        lines.append("* **not comparable with published tables**: the samples are " + " and ".join(why)
+                     + (f"; set {' and '.join(fix)} to read them as the literature does" if fix else ""))
+    return lines
 
 
 def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") -> None:

@@ -32,8 +32,10 @@ unconditionally with :math:`z\sim\mathcal N(0, I)` and with the latent score pri
 * unconditional **agreement**: the fraction of samples whose read-back modalities all give the same
   labels; the **latent linear probe** (:mod:`~pyro_diffmvae.evaluation.probe`).
 
-The classifiers train on the first ``min(len(train), evaluation.classifier_train_size)`` training
-examples, the first tenth of them held out for validation.
+The classifiers (:mod:`~pyro_diffmvae.evaluation.readback`) are the data set's published ones when
+``evaluation.classifiers_dir`` is set, else trained on the first
+``min(len(train), evaluation.classifier_train_size)`` training examples, the first tenth of them held
+out for validation; ``metrics["classifier"][m]["source"]`` says which.
 
 ``"factors"`` (:func:`evaluate_factors`; every non-empty proper subset and all modalities, the
 "all (reconstruction)" row):
@@ -46,7 +48,8 @@ examples, the first tenth of them held out for validation.
 * the reconstruction bound of every diffusion decoder in bits/dim (:mod:`~pyro_diffmvae.evaluation.likelihood`);
 * the unconditional FD of this routine has no standard error.
 
-Its classifier trains on the whole training split, validated on the first (at most 1000) test examples.
+Its classifier (unless published) trains on the whole training split, validated on the first (at most
+1000) test examples.
 """
 
 from __future__ import annotations
@@ -65,12 +68,12 @@ from ..metrics.f1 import per_example_f1
 from ..model import MultimodalVAE
 from .clip import caption_scorer
 from .coherence import agree_per_example, factor_scores, pairwise_agreement
-from .frechet import feature_fid, frechet_distance
+from .frechet import feature_fids, frechet_distance
 from .ledger import bound_ledger
 from .likelihood import diffusion_reconstruction_bound_bpd
 from .probe import latent_probe
 from .protocol import resolve_protocol
-from .readback import clamp_classifier_inputs, load_or_train_label_classifier, read_labels
+from .readback import clamp_classifier_inputs, label_classifier, read_labels
 from .subsets import collate, given_subsets, restrict, slice_batch
 from .uncertainty import (balanced_accuracy, binomial_se, bootstrap_fd_se, bootstrap_mean_se, fd_of_features,
                           mean_and_se)
@@ -121,6 +124,12 @@ def _unconditional_samples(vae, cfg, num: int):
             continue
         yield prior, vae.sample(num, prior=prior, sampler=ev.sampler, steps=ev.sampler_steps,
                                 prior_sampler=cfg.latent_prior.sampler, prior_steps=cfg.latent_prior.sampler_steps)
+
+
+def _device(vae):
+    """The device of the model's parameters (``None`` for a model without any)."""
+    p = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
+    return None if p is None else p.device
 
 
 def _batch_size(ev) -> int:
@@ -254,8 +263,8 @@ def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: 
             n_val = max(1, n_train // 10)
             return images[n_val:], targets[n_val:], images[:n_val], targets[:n_val]
 
-        classifiers[m], classifier_info[m] = load_or_train_label_classifier(cfg, dataset, m, n_train, spec, data)
-    fids = {m: feature_fid(ev, classifiers[m]) for m in classifiers}
+        classifiers[m], classifier_info[m] = label_classifier(cfg, dataset, m, n_train, spec, data)
+    fids = feature_fids(ev, classifiers, _device(vae))
     fd_name = next(iter(fids.values())).metric_name if fids else None
     metrics: dict = {"num_examples": n, "protocol": protocol.record(), "sampler": ev.sampler,
                      "sampler_steps": ev.sampler_steps, "conditional": {}, "classifier": classifier_info,
@@ -420,14 +429,14 @@ def evaluate_factors(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path
     if len(read_by_classifier) > 1:
         raise ValueError(f"data set {dataset.name!r}: the factors routine reads at most one modality by a classifier, "
                          f"{read_by_classifier} are; use the labels routine")
-    classifiers, classifier_info = {}, None
+    classifiers, classifier_info = {}, {}
     for m in read_by_classifier:
         def data(m=m):
             train = collate(train_set, range(len(train_set)))
             val = collate(test_set, range(min(len(test_set), 1000)))
             return train[m], spec.labels_of(train), val[m], spec.labels_of(val)
 
-        classifiers[m], classifier_info = load_or_train_label_classifier(cfg, dataset, m, len(train_set), spec, data)
+        classifiers[m], classifier_info[m] = label_classifier(cfg, dataset, m, len(train_set), spec, data)
     metrics: dict = {"num_examples": n, "protocol": protocol.record(), "sampler": ev.sampler,
                      "sampler_steps": ev.sampler_steps, "conditional": {}, "classifier": classifier_info}
     conditional_images = {}
@@ -456,7 +465,7 @@ def evaluate_factors(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path
 
     metrics["unconditional"] = {}
     fd_name = None
-    fids = {m: feature_fid(ev, classifiers[m]) for m in classifiers}
+    fids = feature_fids(ev, classifiers, _device(vae))
     samples = {}
     for prior, gen in _unconditional_samples(vae, cfg, ev.num_unconditional):
         samples[prior] = gen

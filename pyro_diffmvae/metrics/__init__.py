@@ -1,4 +1,5 @@
-"""Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence, bits per dimension, CLIP score.
+"""Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence (trained and published
+classifiers), bits per dimension, CLIP score.
 
 Not imported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
 """
@@ -13,8 +14,9 @@ from .coherence import (
     train_factor_classifier,
 )
 from .f1 import UndefinedMetricWarning, binarize, sample_f1
-from .fid import FeatureFID, InceptionFeatures, feature_statistics, frechet_distance
+from .fid import FeatureFID, FIDInceptionFeatures, InceptionFeatures, feature_statistics, frechet_distance, quantize_images
 from .likelihood import BitsPerDim, bits_per_dim, diffusion_bpd, diffusion_nll
+from .published_classifiers import MoPoEDigitClassifier, PublishedClassifier, load_mopoe_digit_classifier
 
 __all__ = [
     "sample_f1",
@@ -23,8 +25,13 @@ __all__ = [
     "frechet_distance",
     "feature_statistics",
     "InceptionFeatures",
+    "FIDInceptionFeatures",
+    "quantize_images",
     "FeatureFID",
     "FactorClassifier",
+    "MoPoEDigitClassifier",
+    "PublishedClassifier",
+    "load_mopoe_digit_classifier",
     "train_factor_classifier",
     "load_or_train_classifier",
     "predict_factors",

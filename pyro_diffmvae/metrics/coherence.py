@@ -31,6 +31,7 @@ from ..io import atomic_torch_save
 
 __all__ = [
     "FactorClassifier",
+    "PenultimateFeatures",
     "train_factor_classifier",
     "load_or_train_classifier",
     "predict_factors",
@@ -129,11 +130,14 @@ class FactorClassifier(nn.Module):
 
     def feature_extractor(self) -> nn.Module:
         """An ``nn.Module`` whose forward is :meth:`features` (for :class:`~pyro_diffmvae.metrics.fid.FeatureFID`)."""
-        return _Penultimate(self)
+        return PenultimateFeatures(self)
 
 
-class _Penultimate(nn.Module):
-    def __init__(self, classifier: FactorClassifier):
+class PenultimateFeatures(nn.Module):
+    """A classifier's penultimate features as a module: ``forward(x) = classifier.features(x)``, with
+    ``num_features`` (a feature space for :class:`~pyro_diffmvae.metrics.fid.FeatureFID`)."""
+
+    def __init__(self, classifier: nn.Module):
         super().__init__()
         self.classifier = classifier
         self.num_features = classifier.num_features

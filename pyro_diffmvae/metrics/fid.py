@@ -8,15 +8,22 @@ For feature sets with means :math:`\mu_1,\mu_2` and covariances :math:`\Sigma_1,
       - 2(\Sigma_1\Sigma_2)^{1/2}\big).
 
 :class:`FeatureFID` accumulates the statistics with
-:class:`torchmetrics.image.fid.FrechetInceptionDistance`, handing it a custom feature module (so
-``torch-fidelity`` is **not** needed):
+:class:`torchmetrics.image.fid.FrechetInceptionDistance`, handing it a feature module:
 
-* :class:`InceptionFeatures` — torchvision's Inception-v3 with weights read from a **local file**
-  (never downloaded), 2048-d pool features. The result is reported as ``"FID"``. Note: with
-  torchvision's ImageNet weights (``inception_v3_google-*.pth``) the numbers are *not* identical
-  to the TF-Inception FID of published tables (``pytorch-fid``/``torch-fidelity`` use the
-  2015-12-05 TF graph weights, a different architecture variant); compare only numbers computed
-  with the same weights file.
+* :class:`FIDInceptionFeatures` — **the FID of published tables**: the FID Inception-v3 (the
+  2015-12-05 TensorFlow graph's weights, as ``pytorch-fid`` and ``torch-fidelity`` use them) through
+  torchmetrics' ``FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=<file>)``,
+  which runs ``torch-fidelity``'s ``FeatureExtractorInceptionV3`` (the ``torch-fidelity`` package is
+  needed). The weights come from a **local file** (never downloaded): torch-fidelity's
+  ``weights-inception-2015-12-05-6726825d.pth`` (pytorch-fid distributes the same weights as
+  ``pt_inception-2015-12-05-6726825d.pth``). Images are quantised to ``uint8`` first
+  (:func:`quantize_images`), as the reference implementations read saved PNGs, and resized to
+  299×299 with TensorFlow-1 bilinear interpolation (torchmetrics' ``antialias=False``, the
+  reference's resize). Reported as ``"FID"``.
+* :class:`InceptionFeatures` — torchvision's ImageNet Inception-v3 from a local file, 2048-d pool
+  features, also reported as ``"FID"`` by :class:`FeatureFID`, but **not** the FID of published
+  tables (other weights, another architecture variant, another resize); compare only numbers
+  computed with the same weights file. The evaluation uses :class:`FIDInceptionFeatures`.
 * any ``nn.Module`` mapping images to ``(N, d)`` features, e.g. a data set classifier's
   penultimate layer (:meth:`~pyro_diffmvae.metrics.coherence.FactorClassifier.feature_extractor`).
   The result is a Fréchet distance in that feature space, reported as ``"FD_<name>"`` so that it is
@@ -26,7 +33,7 @@ Image convention: :meth:`FeatureFID.update` takes the library's images, float in
 (``uint8`` in [0, 255] is also accepted and mapped by ``x/127.5 - 1``). Float values slightly
 outside [-1, 1] (diffusion samples) are clamped; values further out than ``range_tolerance``
 are an error (they usually mean [0, 255] floats were passed). Extractors receive [-1, 1] images;
-:class:`InceptionFeatures` converts them to what torchvision's Inception expects itself.
+the Inception extractors convert them to what their network expects themselves.
 """
 
 from __future__ import annotations
@@ -39,7 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["frechet_distance", "feature_statistics", "InceptionFeatures", "FeatureFID"]
+from ..io import read_state_dict
+
+__all__ = ["frechet_distance", "feature_statistics", "quantize_images", "InceptionFeatures", "FIDInceptionFeatures",
+           "FeatureFID", "FID_INCEPTION_WEIGHTS_FILE"]
+
+#: torch-fidelity's file name of the FID Inception weights (pytorch-fid: ``pt_inception-2015-12-05-6726825d.pth``)
+FID_INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,6 +106,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(lam).sum())
 
 
+def _check_gray_or_rgb(x: torch.Tensor, who: str) -> None:
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{who} expects images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+
+
 class InceptionFeatures(nn.Module):
     """torchvision Inception-v3 pool features (2048-d) with weights from a local file.
 
@@ -118,18 +136,8 @@ class InceptionFeatures(nn.Module):
         from torchvision.models import inception_v3
 
         path = os.fspath(weights_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"Inception-v3 weights file not found: {path!r} (FID never downloads weights; save a "
-                "torchvision inception_v3 state_dict there, e.g. inception_v3_google-0cc3c7bd.pth)"
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read Inception-v3 weights from {path!r}: {e}") from e
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or "fc.weight" not in state:
+        state = read_state_dict(path, "torchvision Inception-v3 weights (e.g. inception_v3_google-0cc3c7bd.pth)")
+        if "fc.weight" not in state:
             raise ValueError(
                 f"{path!r} does not hold an Inception-v3 state_dict (no 'fc.weight' key); "
                 "save it with torch.save(model.state_dict(), path)"
@@ -161,8 +169,7 @@ class InceptionFeatures(nn.Module):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images → resized, ImageNet-normalised RGB batch of shape (N, 3, 299, 299)."""
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures expects images of shape (N, 1 or 3, H, W), got {tuple(x.shape)}")
+        _check_gray_or_rgb(x, "InceptionFeatures")
         x = (x.float() + 1.0) / 2.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
@@ -174,6 +181,59 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.preprocess(x))
+
+
+def quantize_images(x: torch.Tensor) -> torch.Tensor:
+    r"""Images in [-1, 1] → ``uint8`` in [0, 255], as saving them as PNG does:
+    :math:`u = \lfloor 255\,(x+1)/2 + \tfrac12 \rfloor` clamped to [0, 255] (``torchvision.utils.save_image``'s
+    rounding: round half up). ``uint8`` input is returned as it is."""
+    if x.dtype == torch.uint8:
+        return x
+    return ((x.float() + 1.0) / 2.0).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
+class FIDInceptionFeatures(nn.Module):
+    """The FID Inception-v3's 2048-d pool features (module docstring), weights from a local file.
+
+    :param weights_path: torch-fidelity's ``FeatureExtractorInceptionV3`` state dict
+        (``weights-inception-2015-12-05-6726825d.pth``). It is read with
+        ``torch.load(weights_only=True)`` first (:func:`~pyro_diffmvae.io.read_state_dict`: a missing
+        file, a corrupt one or a pickled module is an error naming it), then handed to torchmetrics'
+        ``FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=..., antialias=False)``,
+        whose network this module runs; wrong keys or shapes are a :class:`ValueError` naming the file.
+    :param antialias: torchmetrics' flag; ``False`` (the default) resizes as the reference FID does.
+
+    ``forward`` takes images in [-1, 1] (or ``uint8``) of shape ``(N, 1 or 3, H, W)``, quantises them
+    to ``uint8`` (:func:`quantize_images`), repeats a single channel to RGB and returns ``(N, 2048)``
+    features — exactly torchmetrics' FID features of the quantised images. Always in eval mode.
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights_path, antialias: bool = False):
+        super().__init__()
+        path = os.fspath(weights_path)
+        read_state_dict(path, f"FID Inception weights (torch-fidelity's {FID_INCEPTION_WEIGHTS_FILE})")
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path, antialias=antialias)
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(f"the FID Inception needs the torch-fidelity package (pip install torch-fidelity): {e}") from e
+        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
+            raise ValueError(f"{path!r} is not a torch-fidelity FeatureExtractorInceptionV3 state dict: {e}") from e
+        self.net = metric.inception
+        self.weights_path = path
+        self.antialias = antialias
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_gray_or_rgb(x, "FIDInceptionFeatures")
+        u = quantize_images(x)
+        return self.net(u.expand(-1, 3, -1, -1) if u.shape[1] == 1 else u)
 
 
 class _FeatureAdapter(nn.Module):
@@ -205,7 +265,8 @@ class _FeatureAdapter(nn.Module):
 class FeatureFID:
     r"""Fréchet distance between real and generated images in an extractor's feature space.
 
-    :param extractor: an :class:`InceptionFeatures` (→ ``metric_name == "FID"``) or any
+    :param extractor: an :class:`FIDInceptionFeatures` or :class:`InceptionFeatures` (→
+        ``metric_name == "FID"``) or any
         ``nn.Module`` mapping ``(N, ...)`` images in [-1, 1] to ``(N, d)`` features
         (→ ``metric_name == "FD_<name>"``). It is put in eval mode and run without gradients.
     :param name: short name of the feature space for a non-Inception extractor (required then,
@@ -219,7 +280,7 @@ class FeatureFID:
 
     Example::
 
-        >>> fid = FeatureFID(InceptionFeatures("weights/inception_v3_google.pth"))
+        >>> fid = FeatureFID(FIDInceptionFeatures("weights/weights-inception-2015-12-05-6726825d.pth"))
         >>> fid.update(test_images, real=True); fid.update(samples, real=False)
         >>> {fid.metric_name: fid.compute()}
     """
@@ -235,7 +296,7 @@ class FeatureFID:
     ):
         if not isinstance(extractor, nn.Module):
             raise TypeError(f"extractor must be an nn.Module, got {type(extractor).__name__}")
-        self.is_inception = isinstance(extractor, InceptionFeatures)
+        self.is_inception = isinstance(extractor, (InceptionFeatures, FIDInceptionFeatures))
         if not self.is_inception:
             if not name or not isinstance(name, str):
                 raise ValueError(
@@ -260,8 +321,13 @@ class FeatureFID:
 
     @classmethod
     def inception(cls, weights_path, **kwargs) -> "FeatureFID":
-        """FID with :class:`InceptionFeatures` loaded from ``weights_path``."""
+        """FID with torchvision's :class:`InceptionFeatures` loaded from ``weights_path``."""
         return cls(InceptionFeatures(weights_path), **kwargs)
+
+    @classmethod
+    def fid_inception(cls, weights_path, **kwargs) -> "FeatureFID":
+        """The FID of published tables: :class:`FIDInceptionFeatures` loaded from ``weights_path``."""
+        return cls(FIDInceptionFeatures(weights_path), **kwargs)
 
     @property
     def metric_name(self) -> str:
