@@ -1,6 +1,7 @@
-"""Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence, bits per dimension, CLIP score.
+"""Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence, bits per dimension, the
+probability-flow ODE log-likelihood, CLIP score.
 
-Not imported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
+Not re-exported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
 """
 
 from .clip_score import CLIPScore, clip_scores
@@ -15,6 +16,7 @@ from .coherence import (
 from .f1 import UndefinedMetricWarning, binarize, sample_f1
 from .fid import FeatureFID, InceptionFeatures, feature_statistics, frechet_distance
 from .likelihood import BitsPerDim, bits_per_dim, diffusion_bpd, diffusion_nll
+from .ode_likelihood import ODELogLikelihood, ode_log_likelihood
 
 __all__ = [
     "sample_f1",
@@ -34,6 +36,8 @@ __all__ = [
     "diffusion_nll",
     "diffusion_bpd",
     "BitsPerDim",
+    "ode_log_likelihood",
+    "ODELogLikelihood",
     "CLIPScore",
     "clip_scores",
 ]

@@ -1,0 +1,311 @@
+r"""Log-likelihoods of a trained model, per example: :math:`\log p(x)` by importance sampling (IWAE) and
+:math:`\log p(x_T\mid x_G)` as a ratio of two such estimates (``docs/design.md`` §5).
+
+**Joint** (``given=None``). The proposal is the model's own posterior given the scored modalities
+:math:`O`, :math:`q(z\mid x_O)` = ``vae.posterior(batch, O)`` — the training objective's conditional:
+the PoE for the subset ELBO, MoPoE, MVAE and MVTCAE, the uniform mixture of experts for MMVAE and
+MMVAE+, whose density is :math:`\log q(z\mid x_O) = \operatorname{logsumexp}_{m\in O}\log q(z\mid x_m) -
+\log|O|`. With :math:`K` particles :math:`z_k\sim q(z\mid x_O)` (Burda, Grosse & Salakhutdinov 2016),
+
+.. math:: \log\hat p(x_O) = \log\frac1K\sum_{k=1}^K w_k,\qquad
+          \log w_k = \log p(z_k) + \sum_{m\in O}\log p(x^m\mid z_k) - \log q(z_k\mid x_O).
+
+By Jensen :math:`\mathbb E\log\hat p(x_O)\le\log p(x_O)`; the expectation increases with K and tends
+to :math:`\log p(x_O)` as :math:`K\to\infty` when every :math:`\log p(x^m\mid z)` is exact; with the
+exact posterior as proposal every :math:`w_k = p(x_O)` (zero variance). MMVAE+'s private latents:
+each particle also draws :math:`w_m\sim q(w_m\mid x_m)` for :math:`m\in O`, :math:`\log w_k` gains
+:math:`\sum_{m\in O}[\log p(w_m) - \log q(w_m\mid x_m)]` and the decoders score :math:`x^m` given
+:math:`[z_k, w_m]`; the private latents of modalities outside :math:`O` are integrated out exactly
+(they appear nowhere).
+
+In Pyro: the proposal is a program with the sites ``z`` (and ``w_<name>``) run under
+``pyro.plate("particles", K, dim=-2)`` and ``pyro.plate("data", B, dim=-1)``; the model's
+generative program :meth:`~pyro_diffmvae.model.MultimodalVAE.joint` (sites ``z``, ``w_<name>``,
+``x_<name>``, the observed ones masked by availability) is replayed on its trace
+(``poutine.trace(poutine.replay(...))``), and :math:`\log w` is the sum of the model's sites' log-densities
+minus the proposal's. The sites' ``poutine.scale`` factors β and λ_m are training weights and are left
+out: the estimate is of the generative model :math:`p(z)\prod_m p(x^m\mid z)`.
+
+**Conditional** (``given`` = G, ``targets`` = T). :math:`\log p(x_T\mid x_G) = \log p(x_{G\cup T}) -
+\log p(x_G)`, estimated by the difference of two independent joint estimates, each with the posterior
+given its own modalities as proposal. (The one-sample alternative
+:math:`\mathbb E_{q(z\mid x_{G\cup T})}[p(x_T\mid z)\,p(z\mid x_G)/q]` needs the intractable
+:math:`p(z\mid x_G)`.) A difference of two lower bounds is no bound — the first's shortfall lowers it,
+the second's raises it — so ``is_lower_bound`` is False; it converges when both estimates do.
+
+**Decoder terms.** Feed-forward decoders: their ``log_prob``. Diffusion decoders
+(``decoder_likelihood``):
+
+* ``"bound"`` — the λ = g² score-matching bound *with its constants*
+  (:func:`~pyro_diffmvae.metrics.likelihood.diffusion_nll`, whatever weighting the decoder trained
+  with), ``num_draws`` (t, ε) draws per particle. It is below :math:`\log p(x\mid z)` in expectation,
+  so the IWAE is a stochastic lower bound, but it does not converge to :math:`\log p(x)`: as
+  :math:`K\to\infty` it tends to the IWAE limit with :math:`p(x\mid z)` replaced by :math:`e^{\text{bound}}`.
+  Caveat: the bound's Monte Carlo noise sits inside the log-mean-exp, where it biases the estimate
+  *upwards* (by about half the variance of one particle's bound estimate, for Gaussian noise; not at
+  all at K = 1), against the bound's gap; ``num_draws`` keeps it small.
+* ``"ode"`` — the probability-flow ODE log-density (:mod:`~pyro_diffmvae.metrics.ode_likelihood`), the
+  density of the ODE model. With the exact divergence it is deterministic (up to the solver's error):
+  the IWAE is a lower bound and converges. With Hutchinson's estimator it is an unbiased but noisy
+  estimate of :math:`\log p(x\mid z)` inside the log-mean-exp, biased upwards: neither a bound (but
+  at K = 1, where the estimate is linear in it) nor convergent.
+
+**Prior.** ``"normal"``: :math:`\log\mathcal N(z; 0, I)`, the model's :math:`p(z)`. ``"score"``:
+``vae.latent_prior.log_prob(z)`` by the ODE (the same divergence rules), the density of the model that
+generates with ``vae.sample(prior="score")``.
+
+**Standard error** per example (delta method): :math:`\mathrm{SE} = \mathrm{sd}_k(w_k/\bar w)/\sqrt K`,
+the spread of the particles (including the noise of their decoder estimates), not the bias; NaN at
+K = 1; for the conditional the two estimates' SEs add in quadrature. Heavy-tailed weights make it
+optimistic.
+
+**Units.** Nats; continuous densities on the model's scale. :meth:`LogLikelihood.bits_per_dim` follows
+:func:`~pyro_diffmvae.metrics.likelihood.bits_per_dim`; for 8-bit images dequantise the batch first
+(``x + torch.rand_like(x) / 127.5``), so that the density bounds the discrete likelihood.
+
+Why the module is not named ``log_likelihood``: ``pyro_diffmvae.log_likelihood`` is the function (the
+package re-exports it), and a submodule of that name would be shadowed by it (``import
+pyro_diffmvae.log_likelihood as m`` would give the function).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+
+from .likelihoods import ScoreMatchingLikelihood
+from .metrics.likelihood import bits_per_dim, diffusion_nll
+from .metrics.ode_likelihood import ode_log_likelihood, resolve_divergence
+from .objectives.mmvae_plus import MMVAEPlus
+from .two_stage import TwoStageVAE
+
+__all__ = ["log_likelihood", "LogLikelihood", "DECODER_LIKELIHOODS", "PRIORS"]
+
+DECODER_LIKELIHOODS = ("bound", "ode")
+PRIORS = ("normal", "score")
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """A per-example log-likelihood estimate (module docstring).
+
+    :ivar value: ``(B,)`` estimates in nats (float64).
+    :ivar stderr: ``(B,)`` their standard errors (delta method; NaN where there is none, K = 1).
+    :ivar num_dims: the number of target dimensions d (for :meth:`bits_per_dim`).
+    :ivar is_lower_bound: whether ``E[value]`` is below the true value.
+    :ivar converges: whether ``value`` tends to the true value as ``num_samples`` → ∞.
+    :ivar estimator: what was computed, in words.
+    :ivar given, targets: the conditioning and the scored modalities.
+    """
+
+    value: torch.Tensor
+    stderr: torch.Tensor
+    num_dims: int
+    is_lower_bound: bool
+    converges: bool
+    estimator: str
+    given: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+
+    @property
+    def nll(self) -> torch.Tensor:
+        """``-value``, the negative log-likelihood in nats."""
+        return -self.value
+
+    def bits_per_dim(self, data_scale: float = 127.5) -> torch.Tensor:
+        r"""``(B,)`` bits per dimension, :math:`(\mathrm{nll} + d\log s)/(d\ln 2)`
+        (:func:`~pyro_diffmvae.metrics.likelihood.bits_per_dim`; ``data_scale`` s = 127.5 for [-1, 1]
+        images of 8-bit data, 1 for no change of scale)."""
+        return bits_per_dim(self.nll, self.num_dims, data_scale)
+
+
+@torch.no_grad()
+def log_likelihood(
+    vae,
+    batch: Mapping,
+    given: Sequence[str] | str | None = None,
+    targets: Sequence[str] | str | None = None,
+    num_samples: int = 64,
+    *,
+    decoder_likelihood: str = "bound",
+    prior: str = "normal",
+    num_draws: int = 16,
+    divergence: str = "auto",
+    num_probes: int = 4,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    chunk_size: int | None = None,
+) -> LogLikelihood:
+    r"""Per-example :math:`\log p(x_T)` (``given=None``) or :math:`\log p(x_T\mid x_G)` (module docstring).
+
+    :param vae: a :class:`~pyro_diffmvae.model.MultimodalVAE` (any objective; two-stage models are not supported).
+    :param batch: a batch; the given and target modalities must be present and available for every example.
+    :param given: the conditioning modalities G (``None`` or empty: the joint).
+    :param targets: the scored modalities T (default: every modality not given).
+    :param num_samples: K, particles per estimate.
+    :param decoder_likelihood: ``"bound"`` (λ = g² bound with constants) or ``"ode"`` (probability-flow
+        ODE) for diffusion decoders.
+    :param prior: ``"normal"`` (N(0, I)) or ``"score"`` (``vae.latent_prior`` by the ODE).
+    :param num_draws: (t, ε) draws of the bound per particle.
+    :param divergence, num_probes, rtol, atol: the ODE's
+        (:func:`~pyro_diffmvae.metrics.ode_likelihood.ode_log_likelihood`).
+    :param chunk_size: particles per pass (default: all K at once).
+    """
+    if isinstance(vae, TwoStageVAE):
+        raise NotImplementedError(
+            "log_likelihood does not support two-stage models (SBM-VAE-C, MLD): they have no shared latent z "
+            "(one latent per modality, related only by the stage-2 latent diffusion), MLD's stage 1 is a "
+            "deterministic autoencoder with a flat prior (no proposal density, no p(z)), and their conditionals "
+            "are samplers (re-noising, multi-time masking) that define no posterior density to importance-sample with")
+    if decoder_likelihood not in DECODER_LIKELIHOODS:
+        raise ValueError(f"unknown decoder_likelihood {decoder_likelihood!r}; known: {list(DECODER_LIKELIHOODS)}")
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; known: {list(PRIORS)}")
+    if prior == "score" and vae.latent_prior is None:
+        raise ValueError("prior='score' needs a fitted latent prior: set vae.latent_prior (see LatentScorePrior)")
+    chunk_size = num_samples if chunk_size is None else chunk_size
+    for name, n in (("num_samples", num_samples), ("num_draws", num_draws), ("chunk_size", chunk_size)):
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    given = _names(vae, "given", given or [])
+    targets = _names(vae, "targets", [n for n in vae.names if n not in given] if targets is None else targets)
+    overlap = [n for n in targets if n in given]
+    if overlap:
+        raise ValueError(f"targets {overlap} are also given; a modality is either conditioned on or scored")
+    if not targets:
+        raise ValueError(f"no targets to score: every modality is given ({given})")
+    data, available, _ = vae.parse_batch(batch)
+    scored = [n for n in vae.names if n in given or n in targets]
+    for n in scored:
+        role = "given" if n in given else "target"
+        if n not in data:
+            raise ValueError(f"{role} modality {n!r} is missing from the batch (it holds {sorted(data)})")
+        lacking = torch.nonzero(~available[:, vae.names.index(n)]).flatten().tolist()
+        if lacking:
+            raise ValueError(f"{role} modality {n!r} is unavailable for examples {lacking[:10]}; log_likelihood "
+                             "needs the given and target modalities of every example (select the examples that have them)")
+    if any(getattr(vae.modalities[n].decoder, "private_dim", None) for n in vae.names):
+        MMVAEPlus.check_vae(vae)
+
+    score = _SiteScore(vae, decoder_likelihood, prior, num_draws, dict(divergence=divergence, num_probes=num_probes, rtol=rtol, atol=atol))
+    run = dict(num_samples=num_samples, chunk_size=chunk_size, score=score)
+    value, se, proposal = _iwae(vae, batch, data, available, scored, **run)
+    what = f"IWAE log p^(x_{{{', '.join(scored)}}}) with K = {num_samples}, proposal {proposal}"
+    if given:
+        value_given, se_given, proposal_given = _iwae(vae, batch, data, available, given, **run)
+        value, se = value - value_given, torch.hypot(se, se_given)
+        what = (f"log p^(x_{{{', '.join(targets)}}} | x_{{{', '.join(given)}}}): the ratio of two estimates, {what}, minus "
+                f"the IWAE log p^(x_{{{', '.join(given)}}}) with proposal {proposal_given}")
+
+    diffusion_dims = [math.prod(vae.modalities[n].event_shape) for n in scored if vae.modalities[n].is_diffusion]
+    ode_dims = (diffusion_dims if decoder_likelihood == "ode" else []) + ([vae.latent_dim] if prior == "score" else [])
+    noisy = any(resolve_divergence(divergence, d) == "hutchinson" for d in ode_dims)
+    bounded = decoder_likelihood == "bound" and bool(diffusion_dims)
+    return LogLikelihood(
+        value=value, stderr=se, num_dims=sum(math.prod(vae.modalities[n].event_shape) for n in targets),
+        is_lower_bound=not given and (not noisy or num_samples == 1), converges=not noisy and not bounded,
+        estimator=f"{what}; {score.describe(scored, divergence)}", given=tuple(given), targets=tuple(targets))
+
+
+# ------------------------------------------------------------------------------------- pieces
+def _names(vae, role: str, names: Sequence[str] | str) -> list[str]:
+    """``names`` (one name or several) in model order, checked against the model's modalities."""
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in vae.modalities]
+    if unknown:
+        raise ValueError(f"{role} names unknown modalities {unknown}; known: {vae.names}")
+    return [n for n in vae.names if n in names]
+
+
+def _proposal(q_z: dist.TorchDistribution, q_w: Mapping[str, dist.TorchDistribution]) -> None:
+    """The proposal program: ``z ~ q(z | x_O)`` and, for MMVAE+, ``w_<name> ~ q(w_m | x_m)``."""
+    pyro.sample("z", q_z)
+    for name, q in q_w.items():
+        pyro.sample(f"w_{name}", q)
+
+
+def _iwae(vae, batch: Mapping, data: Mapping[str, torch.Tensor], available: torch.Tensor, names: Sequence[str],
+          num_samples: int, chunk_size: int, score: "_SiteScore") -> tuple[torch.Tensor, torch.Tensor, str]:
+    r"""``(log p^(x_names), SE, the proposal in words)``, each ``(B,)``: :math:`\log\frac1K\sum_k w_k` and
+    :math:`\mathrm{sd}_k(w_k/\bar w)/\sqrt K`."""
+    q_z = vae.posterior(batch, names)
+    q_w = {}
+    for n in names:
+        if getattr(vae.modalities[n].decoder, "private_dim", None):
+            mu_w, logvar_w = vae.modalities[n].encoder.private(data[n])
+            q_w[n] = dist.Normal(mu_w, torch.exp(0.5 * logvar_w)).to_event(1)
+    observed = {n: data[n] for n in names}
+    B = available.shape[0]
+    log_w = []
+    for lo in range(0, num_samples, chunk_size):
+        with pyro.plate("particles", min(chunk_size, num_samples - lo), dim=-2), pyro.plate("data", B, dim=-1):
+            proposal = poutine.trace(_proposal).get_trace(q_z, q_w)
+            joint = poutine.trace(poutine.replay(vae.joint, trace=proposal)).get_trace(observed, available, private_latents=True)
+        log_w.append(_log_density(joint, score) - _log_density(proposal, _plain_log_prob))
+    log_w = torch.cat(log_w)  # (K, B)
+    value = torch.logsumexp(log_w, 0) - math.log(num_samples)
+    se = torch.exp(log_w - value).std(0) / math.sqrt(num_samples) if num_samples > 1 else torch.full_like(value, float("nan"))
+    kind = ("mixture of experts" if isinstance(q_z, dist.MixtureSameFamily) else "Gaussian"
+            if isinstance(getattr(q_z, "base_dist", None), dist.Normal) else type(q_z).__name__)
+    return value, se, f"q(z | x_{{{', '.join(names)}}}) ({kind})" + "".join(f" q(w_{n} | x_{n})" for n in q_w)
+
+
+def _log_density(trace, site_log_prob: Callable) -> torch.Tensor:
+    """Sum over the trace's sample sites of their log-densities (float64), masked where the site is;
+    the sites' scales are left out."""
+    total = 0.0
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        lp = site_log_prob(site).double()
+        if site["mask"] is not None:
+            lp = torch.where(site["mask"], lp, torch.zeros_like(lp))
+        total = total + lp
+    return total
+
+
+def _plain_log_prob(site) -> torch.Tensor:
+    return site["fn"].log_prob(site["value"])
+
+
+class _SiteScore:
+    """The log-density of one site of the model's trace: a diffusion decoder's by the bound or the ODE,
+    ``z`` by the score prior when asked, every other site by its distribution's ``log_prob``."""
+
+    def __init__(self, vae, decoder_likelihood: str, prior: str, num_draws: int, ode: dict):
+        self.vae, self.decoder_likelihood, self.prior, self.num_draws, self.ode = vae, decoder_likelihood, prior, num_draws, ode
+
+    def __call__(self, site) -> torch.Tensor:
+        fn, value = site["fn"], site["value"]
+        if site["name"] == "z" and self.prior == "score":
+            return self.vae.latent_prior.log_prob(value.reshape(-1, value.shape[-1]), **self.ode).reshape(value.shape[:-1])
+        if isinstance(fn, ScoreMatchingLikelihood):
+            x = value.expand(fn.batch_shape + fn.event_shape).reshape((-1,) + fn.event_shape)
+            z = fn.z.expand(fn.batch_shape + fn.z.shape[-1:]).reshape(x.shape[0], -1)
+            if self.decoder_likelihood == "bound":
+                lp = -diffusion_nll(fn.eps_net, x, z, num_draws=self.num_draws, dequantize=False, sde=fn.sde,
+                                    event_shape=tuple(fn.event_shape))
+            else:
+                lp = ode_log_likelihood(fn, x, z, **self.ode).value
+            return lp.reshape(fn.batch_shape)
+        return fn.log_prob(value)
+
+    def describe(self, names: Sequence[str], divergence: str) -> str:
+        diffusion = [n for n in names if self.vae.modalities[n].is_diffusion]
+        parts = []
+        if diffusion and self.decoder_likelihood == "bound":
+            parts.append(f"diffusion decoders {diffusion}: the likelihood-weighted (lambda = g^2) bound with its "
+                         f"constants, {self.num_draws} (t, eps) draws per particle")
+        elif diffusion:
+            dims = {n: math.prod(self.vae.modalities[n].event_shape) for n in diffusion}
+            parts.append("diffusion decoders: the probability-flow ODE log-density ("
+                         + ", ".join(f"{n}: {resolve_divergence(divergence, d)} divergence" for n, d in dims.items()) + ")")
+        parts.append("prior N(0, I)" if self.prior == "normal" else
+                     f"the latent score prior by the probability-flow ODE ({resolve_divergence(divergence, self.vae.latent_dim)} divergence)")
+        return "; ".join(parts)
