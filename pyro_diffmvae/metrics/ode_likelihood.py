@@ -67,10 +67,13 @@ EXACT_TRACE_MAX_DIM = 64
 
 class ODELogLikelihood(NamedTuple):
     """Per example: ``value`` log p(x | z) in nats ``(N,)`` (float64), ``stderr`` of the Hutchinson
-    probes ``(N,)`` (0 for the exact trace, NaN for one probe), and the solver's ``evaluations``."""
+    probes ``(N,)`` (0 for the exact trace, NaN for one probe), ``draws`` the estimate of each probe
+    ``(P, N)`` (``value[None]`` for the exact trace; ``value`` is their mean), and the solver's
+    ``evaluations``."""
 
     value: torch.Tensor
     stderr: torch.Tensor
+    draws: torch.Tensor
     evaluations: int
 
 
@@ -96,6 +99,7 @@ def ode_log_likelihood(
     atol: float = 1e-5,
     method: str = "RK45",
     generator: torch.Generator | None = None,
+    probes: torch.Tensor | None = None,
 ) -> ODELogLikelihood:
     r"""Per-example :math:`\log p_\theta(x\mid z)` by the probability-flow ODE (module docstring).
 
@@ -110,6 +114,9 @@ def ode_log_likelihood(
     :param num_probes: Rademacher probes per example (Hutchinson).
     :param rtol, atol, method: passed to :func:`scipy.integrate.solve_ivp`.
     :param generator: for the probes.
+    :param probes: Hutchinson's Rademacher probes ``(P, N, *event_shape)`` to use instead of fresh
+        ones (e.g. the same probes for several latents of one example; ignored for the exact trace);
+        ``num_probes`` is then P.
     """
     if hasattr(model, "eps_net") and hasattr(model, "sde"):
         eps_net, sde = model.eps_net, model.sde
@@ -130,8 +137,12 @@ def ode_log_likelihood(
     exact = resolve_divergence(divergence, d) == "exact"
     if exact:  # the basis vectors e_i, the same for every example
         probes = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d, 1) + event_shape).expand((d,) + tuple(x.shape))
-    else:
+    elif probes is None:
         probes = torch.randint(0, 2, (num_probes,) + tuple(x.shape), generator=generator).to(x) * 2 - 1
+    elif probes.dim() != x.dim() + 1 or probes.shape[1:] != x.shape:
+        raise ValueError(f"probes must have shape (P, {', '.join(map(str, x.shape))}), got {tuple(probes.shape)}")
+    else:
+        probes, num_probes = probes.to(x), probes.shape[0]
     n_state = x.numel()
     evaluations = 0
 
@@ -153,9 +164,10 @@ def ode_log_likelihood(
     end = torch.from_numpy(sol.y[:, -1]).to(x.device)
     x_T = end[:n_state].reshape(x.shape)
     acc = end[n_state:].reshape(len(probes), n)
+    log_prior = sde.prior_log_prob(x_T, len(event_shape))
     if exact:
-        integral, stderr = acc.sum(0), torch.zeros_like(acc[0])
-    else:
-        integral = acc.mean(0)
-        stderr = acc.std(0) / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(acc[0], float("nan"))
-    return ODELogLikelihood(sde.prior_log_prob(x_T, len(event_shape)) + integral, stderr, evaluations)
+        value = log_prior + acc.sum(0)
+        return ODELogLikelihood(value, torch.zeros_like(value), value[None], evaluations)
+    draws = log_prior + acc
+    stderr = draws.std(0) / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(log_prior, float("nan"))
+    return ODELogLikelihood(draws.mean(0), stderr, draws, evaluations)
