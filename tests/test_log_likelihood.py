@@ -272,7 +272,8 @@ def test_the_likelihood_weighted_bound_is_below_the_ode_log_likelihood(sde):
 def test_log_likelihood_with_a_diffusion_decoder(sde):
     """Catches: a diffusion decoder scored by its training weighting ("simple", not a bound), the
     ODE not conditioned on the particle's z, and — for the bound — independent (t, ε) draws per
-    particle, whose noise the log-mean-exp turns into a bias of several nats *above* log p(x)."""
+    particle, whose noise the log-mean-exp turns into a bias of several nats *above* log p(x), or a
+    standard error blind to the noise the particles share."""
     vae = linear_vae(diffusion=0)
     x = linear_batch(3, seed=8)
     truth = log_marginal(x, NAMES)
@@ -286,6 +287,21 @@ def test_log_likelihood_with_a_diffusion_decoder(sde):
     mean, se = gap.mean(0), gap.std(0) / math.sqrt(60)
     assert (mean < 4 * se).all() and (mean > -4 * se - 0.5).all(), (mean, se)
     assert ((bound.stderr.reshape(60, 3).mean(0) / gap.std(0)) - 1).abs().max() < 0.5  # the SE covers the shared draws' noise
+
+
+def test_the_noise_bias_estimate_is_its_second_order_value():
+    """Catches: a wrong second-order correction of the decoder noise inside the log-mean-exp (a wrong
+    normalisation, or one that charges common noise): for equal weights and independent draws of
+    variance σ² it is ½σ²/J (1 − 1/K) in expectation, for noise common to all particles exactly 0."""
+    from pyro_diffmvae.loglik import _noise_bias
+
+    J, K, B, sigma = 8, 4, 20_000, 3.0
+    log_w = torch.zeros(K, B)
+    independent = sigma * torch.randn(J, K, B)
+    expected = 0.5 * sigma**2 / J * (1 - 1 / K)
+    assert abs(float(_noise_bias(log_w, [independent]).mean()) - expected) < 0.02 * expected
+    common = (sigma * torch.randn(J, 1, B)).expand(J, K, B)
+    assert float(_noise_bias(log_w + torch.randn(K, B), [common + 5.0]).abs().max()) < 1e-12
 
 
 def test_latent_score_prior_log_prob_and_prior_score(sde):
