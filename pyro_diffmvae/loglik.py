@@ -81,6 +81,7 @@ pyro_diffmvae.log_likelihood as m`` would give the function).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -154,7 +155,8 @@ def log_likelihood(
 ) -> LogLikelihood:
     r"""Per-example :math:`\log p(x_T)` (``given=None``) or :math:`\log p(x_T\mid x_G)` (module docstring).
 
-    :param vae: a :class:`~pyro_diffmvae.model.MultimodalVAE` (any objective; two-stage models are not supported).
+    :param vae: a :class:`~pyro_diffmvae.model.MultimodalVAE` (any objective; two-stage models are not
+        supported), its networks run as they are (``vae.eval()`` first, for dropout or batch norm).
     :param batch: a batch; the given and target modalities must be present and available for every example.
     :param given: the conditioning modalities G (``None`` or empty: the joint).
     :param targets: the scored modalities T (default: every modality not given).
@@ -180,9 +182,10 @@ def log_likelihood(
     if prior == "score" and vae.latent_prior is None:
         raise ValueError("prior='score' needs a fitted latent prior: set vae.latent_prior (see LatentScorePrior)")
     chunk_size = num_samples if chunk_size is None else chunk_size
-    for name, n in (("num_samples", num_samples), ("num_draws", num_draws), ("chunk_size", chunk_size)):
+    for name, n in (("num_samples", num_samples), ("num_draws", num_draws), ("num_probes", num_probes), ("chunk_size", chunk_size)):
         if not (isinstance(n, int) and n >= 1):
             raise ValueError(f"{name} must be a positive int, got {n!r}")
+    resolve_divergence(divergence, 1)  # an unknown name is an error even where no ODE runs
     given = _names(vae, "given", given or [])
     targets = _names(vae, "targets", [n for n in vae.names if n not in given] if targets is None else targets)
     overlap = [n for n in targets if n in given]
@@ -348,8 +351,7 @@ class _SiteScore:
         seed = self.common.setdefault(site["name"], int(torch.randint(0, 2**62, ())))
         draws = []
         for k in range(x.shape[0]):  # particle by particle, each from the same generator state
-            with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else None):
-                torch.manual_seed(seed)
+            with _generator_state(seed, x.device):
                 draws.append(-diffusion_nll(fn.eps_net, x[k], z[k], num_draws=self.num_draws, dequantize=False,
                                             sde=fn.sde, event_shape=tuple(fn.event_shape), reduce=False))
         return torch.stack(draws, 1)
@@ -364,6 +366,16 @@ class _SiteScore:
             options["probes"] = probes[:, None].expand((-1, K) + probes.shape[1:]).reshape((-1, K * B) + event)
         flat = ode_log_likelihood(model, x.reshape((K * B,) + event), None if z is None else z.reshape(K * B, -1), **options)
         return flat.draws.reshape(-1, K, B)
+
+
+@contextmanager
+def _generator_state(seed: int, device: torch.device):
+    """Run with the global generators (CPU, and ``device``'s when it is a GPU) seeded with ``seed``, and
+    restore them afterwards (``torch.random.fork_rng``)."""
+    gpu = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.manual_seed(seed)
+        yield
 
 
 def _describe_terms(vae, names: Sequence[str], decoder_likelihood: str, prior: str, num_draws: int, ode: dict) -> str:

@@ -333,6 +333,7 @@ def test_latent_score_prior_log_prob_and_prior_score(sde):
     (dict(prior="flow"), None, r"unknown prior 'flow'; known: \['normal', 'score'\]"),
     (dict(prior="score"), None, "prior='score' needs a fitted latent prior"),
     (dict(num_samples=0), None, "num_samples must be a positive int, got 0"),
+    (dict(divergence="trace"), None, r"unknown divergence 'trace'; known: \['auto', 'exact', 'hutchinson'\]"),
     (dict(given=["m2"]), None, r"given names unknown modalities \['m2'\]"),
     (dict(given=["m0"], targets=["m0", "m1"]), None, r"targets \['m0'\] are also given"),
     (dict(given=["m0", "m1"]), None, "no targets to score: every modality is given"),
