@@ -7,6 +7,7 @@ sampling: (given modalities → posterior | latent prior) → z → decoders.
 
 from .fusion import FUSIONS, Fusion, make_fusion, poe, subset_family, subset_weights
 from .likelihoods import ScoreMatchingLikelihood
+from .loglik import LogLikelihood, log_likelihood
 from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
 from .model import MultimodalVAE
 from .objectives import ELBO, OBJECTIVES, Objective, elbo_terms, make_objective
@@ -47,6 +48,8 @@ __all__ = [
     "FeedForwardDecoder",
     "DiffusionDecoder",
     "MultimodalVAE",
+    "log_likelihood",
+    "LogLikelihood",
     "elbo_terms",
     "LatentScorePrior",
     "LatentMLP",

@@ -249,17 +249,33 @@ class MultimodalVAE(PyroModule):
         The parameters are registered with Pyro's param store by the guide (``pyro.module``), which
         SVI always runs; registering them here too would only cost time."""
         data, available, B = self.parse_batch(batch)
-        weights = self.subset_weights(available)
-        with self._subset_context(weights):
-            with poutine.scale(scale=self.beta):
-                zero = available.new_zeros((), dtype=_latent_dtype(_float_dtype(data)))  # z in >= float32, as in the guide
-                z = pyro.sample("z", dist.Normal(zero, 1.0).expand([self.latent_dim]).to_event(1))
-            for j, name in enumerate(self.names):
-                if name not in data:
-                    continue
-                modality = self.modalities[name]
-                with poutine.mask(mask=available[:, j]), poutine.scale(scale=modality.weight):
-                    pyro.sample(f"x_{name}", modality.decoder(z), obs=data[name])
+        with self._subset_context(self.subset_weights(available)):
+            self.joint(data, available)
+
+    def joint(self, data: Mapping[str, torch.Tensor], available: torch.Tensor, private_latents: bool = False) -> None:
+        r"""The generative program inside the caller's plates: ``z ~ N(0, I)`` (β-scaled), then
+        ``x_<name> ~ p(x^m | z)`` for each modality of ``data`` (masked where ``available`` ``(B, M)``
+        is false, λ_m-scaled). :meth:`model` runs it in the subset plates; the log-likelihood estimator
+        (:func:`pyro_diffmvae.loglik.log_likelihood`) replays it under a particle plate.
+
+        ``private_latents``: a modality whose decoder takes a private latent (MMVAE+'s
+        :class:`~pyro_diffmvae.nets.mmvae_plus.PrivateLatentDecoder`, which has ``private_dim``) gets a
+        site ``w_<name> ~ N(0, I)`` and is decoded from :math:`[z, w]`. Without it (training) such a
+        decoder draws :math:`w\sim p(w)` itself, outside the program."""
+        with poutine.scale(scale=self.beta):
+            zero = available.new_zeros((), dtype=_latent_dtype(_float_dtype(data)))  # z in >= float32, as in the guide
+            z = pyro.sample("z", dist.Normal(zero, 1.0).expand([self.latent_dim]).to_event(1))
+        for j, name in enumerate(self.names):
+            if name not in data:
+                continue
+            modality = self.modalities[name]
+            with poutine.mask(mask=available[:, j]), poutine.scale(scale=modality.weight):
+                u = z
+                private_dim = getattr(modality.decoder, "private_dim", None) if private_latents else None
+                if private_dim:
+                    w = pyro.sample(f"w_{name}", dist.Normal(zero, 1.0).expand([private_dim]).to_event(1))
+                    u = torch.cat([z, w], -1)
+                pyro.sample(f"x_{name}", modality.decoder(u), obs=data[name])
 
     def guide(self, batch: Mapping) -> None:
         r"""q(z | x_A) = PoE_A (subset drawn per example, or all subsets enumerated); β on z."""

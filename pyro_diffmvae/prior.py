@@ -23,6 +23,7 @@ from torch import nn
 
 from . import samplers as _samplers
 from .likelihoods import ScoreMatchingLikelihood
+from .metrics.ode_likelihood import ode_log_likelihood
 from .nets.unet import ConditionalUNet
 from .sde import VPSDE
 
@@ -159,6 +160,16 @@ class LatentScorePrior(nn.Module):
                     p.copy_(q)
         self.eval()
         return losses
+
+    def log_prob(self, z: torch.Tensor, divergence: str = "auto", num_probes: int = 4, rtol: float = 1e-5,
+                 atol: float = 1e-5) -> torch.Tensor:
+        r""":math:`\log p_\phi(z)` per latent ``(N,)`` (float64) by the probability-flow ODE of the prior,
+        :math:`\log\pi(z_T) + \int_\epsilon^T\nabla\cdot\tilde f\,dt`
+        (:func:`~pyro_diffmvae.metrics.ode_likelihood.ode_log_likelihood`, which also returns the
+        Hutchinson standard error): the density of the ODE model of z (up to the solver's error), what
+        ``prior="score"`` scores in :func:`~pyro_diffmvae.loglik.log_likelihood`."""
+        self.check_latents(z)
+        return ode_log_likelihood(self, z, None, divergence=divergence, num_probes=num_probes, rtol=rtol, atol=atol).value
 
     @torch.no_grad()
     def sample(self, n: int, sampler: str | None = None, steps: int | None = None) -> torch.Tensor:

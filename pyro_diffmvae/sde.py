@@ -131,6 +131,12 @@ class VPSDE:
             noise = torch.randn_like(x0)
         return right_pad(self.alpha(t), x0) * x0 + right_pad(self.sigma(t), x0) * noise
 
+    def probability_flow_drift(self, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        r"""Drift of the probability-flow ODE of an ε-model, :math:`\tilde f = f - \tfrac12 g^2 s_\theta
+        = -\tfrac12\beta(t)\,(x - \hat\epsilon/\sigma_t)` (forward time; ``eps`` = :math:`\hat\epsilon(x, t)`)."""
+        t = _as_time(t, x)
+        return -0.5 * right_pad(self.beta(t), x) * (x - eps / right_pad(self.sigma(t), x))
+
     def score_from_eps(self, eps: torch.Tensor, t) -> torch.Tensor:
         r"""Score of an ε-parameterised model: :math:`s = -\hat\epsilon / \sigma_t`."""
         return -eps / right_pad(self.sigma(_as_time(t, eps)), eps)
@@ -149,6 +155,13 @@ class VPSDE:
         alpha2_T = math.exp(-self._B(self.T))
         sigma2_T = -math.expm1(-self._B(self.T))
         return 0.5 * d * _LOG_2PI + 0.5 * (alpha2_T * sq_norm + d * sigma2_T)
+
+    def prior_log_prob(self, x_T: torch.Tensor, event_dim: int) -> torch.Tensor:
+        r""":math:`\log\pi(x_T)` for the prior :math:`\pi = \mathcal N(0, I)` at time T, summed over the last
+        ``event_dim`` dims: :math:`-\tfrac d2\log 2\pi - \tfrac12\|x_T\|^2`."""
+        dims = tuple(range(x_T.dim() - event_dim, x_T.dim()))
+        sq_norm = x_T.pow(2).sum(dims) if dims else x_T.pow(2)
+        return -0.5 * _event_size(x_T, event_dim) * _LOG_2PI - 0.5 * sq_norm
 
     def bound_constant(self, d: int) -> float:
         r"""The constant :math:`\tfrac d2 \log(\sigma_T^2/\sigma_\epsilon^2)` subtracted in the bound.

@@ -214,6 +214,13 @@ class JointLatentDiffusion(LatentScorePrior):
 
         return eps
 
+    def log_prob(self, u: torch.Tensor, **ode_options) -> torch.Tensor:
+        r""":math:`\log p_\phi(u)` of *raw* joint latents: the ODE log-density of the standardised
+        :math:`\tilde u = (u - \mu)/s` minus the log-Jacobian :math:`\sum_i\log s_i` (options as
+        :meth:`LatentScorePrior.log_prob`)."""
+        self.check_latents(u)
+        return super().log_prob(self.normalise(u), **ode_options) - self.scale.log().sum().double()
+
     @torch.no_grad()
     def sample(self, n: int, sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         """``n`` joint latents (raw scale) from the unconditional reverse process."""
@@ -295,6 +302,10 @@ class TwoStageVAE(MultimodalVAE):
                             pyro.sample(f"z_{name}", dist.Normal(mu[:, j], torch.exp(0.5 * logvar[:, j])).to_event(1))
                     else:
                         pyro.sample(f"z_{name}", dist.Delta(mu[:, j], event_dim=1))
+
+    def joint(self, data: Mapping, available: torch.Tensor, private_latents: bool = False) -> None:
+        """Not this model's program: a two-stage model has one latent ``z_<name>`` per modality (:meth:`model`)."""
+        raise NotImplementedError("a two-stage model has no shared z: its program is model(), one latent z_<name> per modality")
 
     # ------------------------------------------------------------ inference
     def _given_latents(self, batch: Mapping, given: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,7 +1,7 @@
 """Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence (trained and published
-classifiers), bits per dimension, CLIP score.
+classifiers), bits per dimension, the probability-flow ODE log-likelihood, CLIP score.
 
-Not imported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
+Not re-exported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
 """
 
 from .clip_score import CLIPScore, clip_scores
@@ -16,6 +16,7 @@ from .coherence import (
 from .f1 import UndefinedMetricWarning, binarize, sample_f1
 from .fid import FeatureFID, FIDInceptionFeatures, InceptionFeatures, feature_statistics, frechet_distance, quantize_images
 from .likelihood import BitsPerDim, bits_per_dim, diffusion_bpd, diffusion_nll
+from .ode_likelihood import ODELogLikelihood, ode_log_likelihood
 from .published_classifiers import MoPoEDigitClassifier, PublishedClassifier, load_mopoe_digit_classifier
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "diffusion_nll",
     "diffusion_bpd",
     "BitsPerDim",
+    "ode_log_likelihood",
+    "ODELogLikelihood",
     "CLIPScore",
     "clip_scores",
 ]

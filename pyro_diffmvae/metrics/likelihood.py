@@ -99,6 +99,7 @@ def diffusion_nll(
     sde: Optional[VPSDE] = None,
     event_shape=None,
     batch_size: int = 1024,
+    reduce: bool = True,
 ) -> torch.Tensor:
     r"""Per-example Monte Carlo upper bound on :math:`-\log p(x\mid z)` in nats, on the model's scale.
 
@@ -114,7 +115,9 @@ def diffusion_nll(
         per example.
     :param dequantize: add :math:`u/`\ ``data_scale``, :math:`u\sim U[0,1)`, to ``x`` (fresh per draw).
     :param batch_size: at most this many network evaluations per call.
-    :returns: ``(N,)`` tensor; each entry is the mean of ``num_draws`` draws.
+    :param reduce: return the mean over the draws; ``False``: every draw, ``(num_draws, N)`` (for a
+        standard error, or to combine draws shared by several latents).
+    :returns: ``(N,)`` tensor (float64); each entry is the mean of ``num_draws`` draws.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError("x must be a non-empty float tensor of shape (N, *event_shape)")
@@ -143,7 +146,7 @@ def diffusion_nll(
                 stacklevel=2,
             )
 
-    total = torch.zeros(n, dtype=torch.float64, device=x.device)
+    draws = torch.zeros(num_draws, n, dtype=torch.float64, device=x.device)
     draws_per_call = min(num_draws, batch_size)
     examples_per_call = max(1, batch_size // draws_per_call)
     for lo in range(0, n, examples_per_call):
@@ -168,9 +171,9 @@ def diffusion_nll(
                 control_variate=True if fixed is None else fixed.control_variate,
                 batch_shape=(k, m) if zr is None else None,
             )
-            total[lo : lo + m] += -lik.log_prob(xr).double().sum(0)
+            draws[done : done + k, lo : lo + m] = -lik.log_prob(xr).double()
             done += k
-    return total / num_draws
+    return draws.mean(0) if reduce else draws
 
 
 def diffusion_bpd(
