@@ -139,6 +139,26 @@ def _get(*keys: str) -> Callable[[Mapping], float | None]:
     return read
 
 
+def _joint(key: str) -> Callable[[Mapping], float | str | None]:
+    """A reader of ``metrics["joint_log_likelihood"][key]``: "not supported" for models it cannot
+    score (two-stage), ``None`` for runs evaluated without it."""
+    def read(metrics: Mapping):
+        joint = metrics.get("joint_log_likelihood")
+        if not isinstance(joint, Mapping):
+            return None
+        return _get(key)(joint) if joint.get("supported") else "not supported"
+    return read
+
+
+JOINT_NOTE = ("Joint NLL: −log p(x) of all modalities per test example (nats) and per dimension of the 8-bit data "
+              "(bits/dim, images dequantised), by importance sampling with each model's own posterior "
+              "(evaluation.loglik_*; each run's report.md names the estimator and whether it is a bound); "
+              "two-stage models define no joint density to estimate (\"not supported\").")
+
+#: the joint NLL columns of every zoo table (``metrics["joint_log_likelihood"]``)
+JOINT_COLUMNS: list[Column] = [("joint NLL nats", _joint("nll_nats")), ("joint bits/dim", _joint("bits_per_dim"))]
+
+
 def _clip_model(metrics: Mapping) -> str:
     """The CLIP folder's name a run was evaluated with, or "none given"."""
     path = metrics.get("clip_model")
@@ -332,6 +352,7 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
                 ("unconditional score prior", _get("unconditional", "score", "agreement"))]
     if layout.mean_fd_all_but_one:
         columns.append((f"mean {fd} given all but one", lambda m: _mean_fd_all_but_one(m, fd)))
+    columns += JOINT_COLUMNS
     rows = []
     for model in models:
         preset = f"{dataset}_{model}_cpu"
@@ -349,7 +370,7 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
                         f"{table}: every model with one budget, evaluation protocol {protocol} (mean ± std over "
                         "seeds, number of seeds in brackets)",
                         header, rows, [f"Runs under {out}. The published numbers come from other budgets, backgrounds "
-                                       "and classifiers: compare them for order of magnitude only."])
+                                       "and classifiers: compare them for order of magnitude only.", JOINT_NOTE])
 
 
 def _mean_fd_all_but_one(metrics: Mapping, fd: str) -> float | None:

@@ -89,22 +89,28 @@ def test_clip_table_without_any_clip_run_has_only_empty_cells(tmp_path):
 
 def test_zoo_table_rows_follow_the_zoo_order_with_budget_fd_and_published_numbers(tmp_path):
     """zoo_polymnist: one row per model in the given order (models without runs left out), the budget,
-    coherence means, the mean FD over the (M−1)-given subsets ((10 + 30)/2 = 20), the published column."""
+    coherence means, the mean FD over the (M−1)-given subsets ((10 + 30)/2 = 20), the joint NLL ("not
+    supported" for a two-stage model, not a blank), the published column."""
     out = tmp_path / "runs"
     cond = {"m0+m1": {"m2_FD_classifier": 10.0, "m2_coherence": 0.5}, "m1+m2": {"m0_FD_classifier": 30.0},
             "m0": {"m1_FD_classifier": 99.0}}
     for seed, c1 in enumerate([0.4, 0.6]):
         _write(out, "polymnist_mld_cpu", seed, {"fd_name": "FD_classifier", "training": {"steps": 600, "train_seconds": 10},
                                                 "coherence_by_num_given": {"1": c1}, "conditional": cond,
-                                                "unconditional": {"score": {"agreement": 0.25}}})
-    _write(out, "polymnist_mopoe_cpu", 0, {"coherence_by_num_given": {"1": 0.7}, "training": {"steps": 600}})
+                                                "unconditional": {"score": {"agreement": 0.25}},
+                                                "joint_log_likelihood": {"supported": False, "reason": "two-stage"}})
+    _write(out, "polymnist_mopoe_cpu", 0, {"coherence_by_num_given": {"1": 0.7}, "training": {"steps": 600},
+                                           "joint_log_likelihood": {"supported": True, "nll_nats": 3000.5,
+                                                                    "bits_per_dim": 1.25}})
     paths = paper_tables.write_zoo_table(out, tmp_path / "results", "polymnist", ["mopoe", "mvae", "mld"])
     md = paths[0].read_text()
     rows = [line for line in md.splitlines() if line.startswith("| m")]
     assert [r.split(" | ")[0] for r in rows] == ["| model", "| mopoe", "| mld"]
     assert rows[1].endswith("| 0.66 / 0.77 / 0.81 / 0.83 (Sutter et al. 2021) |")
     assert ("| mld | 600.000 ± 0.000 (2) | 10.000 ± 0.000 (2) | 0.500 ± 0.141 (2) | – | – | – | – | "
-            "0.250 ± 0.000 (2) | 20.000 ± 0.000 (2) | – |") in md
+            "0.250 ± 0.000 (2) | 20.000 ± 0.000 (2) | not supported | not supported | – |") in md
+    assert "| 3000.500 ± 0.000 (1) | 1.250 ± 0.000 (1) | 0.66 / 0.77 / 0.81 / 0.83 (Sutter et al. 2021) |" in rows[1]
+    assert "two-stage models define no joint density" in md
     with pytest.raises(SystemExit, match="no experiment preset"):
         paper_tables.zoo_presets("polymnist", ["mopoe", "no_such_model"])
     assert paper_tables.zoo_presets("polymnist", paper_tables.ZOO_MODELS)[-1] == "polymnist_diffmvae_star_cpu"

@@ -77,6 +77,12 @@ def bound_ledger(vae, cfg, metrics: dict, objective=None) -> dict:
                                "-log p(x^m | z) with the likelihood weighting and all its constants, dequantised, in "
                                "bits/dim, at the posterior mean z = E q(z | all modalities, x^m included), Monte Carlo "
                                "over diffusion times (mean ± SE over the test images)")
+    joint = metrics.get("joint_log_likelihood") or {}
+    if joint.get("supported"):
+        estimators["joint_log_likelihood"] = (
+            f"{joint['estimator']} on {joint['examples']} dequantised test examples (mean ± SE over them); "
+            f"{'a stochastic lower bound on log p(x)' if joint['is_lower_bound'] else 'not a bound on log p(x)'}, "
+            f"{'converging' if joint['converges'] else 'not converging'} to it as K grows")
     protocol = metrics.get("protocol", {})
     return {
         "objective": None if objective is None else getattr(objective, "name", type(objective).__name__),

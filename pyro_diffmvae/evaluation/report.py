@@ -75,6 +75,22 @@ def _networks_lines(nets: dict) -> list[str]:
     return lines
 
 
+def _joint_lines(joint: dict | None) -> list[str]:
+    """The joint NLL line: nats and bits/dim, what it estimates and whether it is a bound."""
+    if not joint:
+        return []
+    if not joint.get("supported"):
+        return [f"Joint log-likelihood: not supported ({joint.get('reason')}).", ""]
+    kind = ("an upper bound on −log p(x) in expectation" if joint["is_lower_bound"]
+            else "an estimate of −log p(x), not a bound")
+    mc = joint.get("mean_monte_carlo_se_nats")
+    mc_text = "" if mc is None else f"; mean Monte Carlo SE per example {mc:.2f} nats"
+    return [f"Joint NLL −log p(x) of all modalities: **{joint['nll_nats']:.2f} ± {joint['nll_nats_se']:.2f} nats** per "
+            f"example, **{joint['bits_per_dim']:.4f} ± {joint['bits_per_dim_se']:.4f} bits/dim** ({joint['num_dims']} "
+            f"dims; {joint['examples']} test examples, images dequantised; {joint['estimator']}; {kind}, "
+            f"{'converging' if joint['converges'] else 'not converging'} as K grows{mc_text}).", ""]
+
+
 def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") -> None:
     """A Markdown report with the conditional and unconditional tables and the bound ledger."""
     label = _protocol_label(metrics)
@@ -136,6 +152,7 @@ def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") ->
     if "real_images_clip_score" in ref:
         lines += [f"CLIP score (100·max(cos, 0), CLIP from {metrics.get('clip_model')}): real test images against their "
                   f"captions {ref['real_images_clip_score']:.2f} (the reference for image_clip_score above).", ""]
+    lines += _joint_lines(metrics.get("joint_log_likelihood"))
     for m, val in _bound_bpd(metrics).items():
         lines += [f"{m} decoder: reconstruction bound {val['mean']:.3f} ± {val['se']:.3f} bits/dim ({val['examples']} "
                   "test images, likelihood weighting, dequantised) — a bound on −log p(x^m | z) at the posterior mean "

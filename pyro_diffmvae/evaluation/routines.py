@@ -70,7 +70,7 @@ from .clip import caption_scorer
 from .coherence import agree_per_example, factor_scores, pairwise_agreement
 from .frechet import feature_fids, frechet_distance
 from .ledger import bound_ledger
-from .likelihood import diffusion_reconstruction_bound_bpd
+from .likelihood import diffusion_reconstruction_bound_bpd, joint_log_likelihood
 from .probe import latent_probe
 from .protocol import resolve_protocol
 from .readback import clamp_classifier_inputs, label_classifier, read_labels
@@ -83,7 +83,9 @@ __all__ = ["ROUTINES", "evaluate", "evaluate_with_labels", "evaluate_factors"]
 
 def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figures: bool = True,
              objective=None) -> dict:
-    """Every metric of the data set's evaluation routine (module docstring) and the bound ledger
+    """Every metric of the data set's evaluation routine (module docstring), the joint log-likelihood
+    (``metrics["joint_log_likelihood"]``, :func:`~pyro_diffmvae.evaluation.likelihood.joint_log_likelihood`)
+    and the bound ledger
     (``metrics["ledger"]``, :mod:`~pyro_diffmvae.evaluation.ledger`: ``objective`` is the training
     objective, default the one bound to ``vae.conditional``); figures in ``out_dir/figures``."""
     dataset = get_dataset(cfg)
@@ -95,6 +97,9 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
         raise ValueError(f"data set {dataset.name!r}: unknown evaluation routine {routine!r}; known: {sorted(ROUTINES)}")
     with channels_last(cfg.evaluation, vae):
         metrics = ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
+        joint = joint_log_likelihood(vae, test_set, dataset.modalities(cfg), cfg.evaluation)
+    if joint is not None:
+        metrics["joint_log_likelihood"] = joint
     metrics["ledger"] = bound_ledger(vae, cfg, metrics, objective)
     return metrics
 
