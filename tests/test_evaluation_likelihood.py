@@ -51,9 +51,9 @@ def test_joint_nll_is_the_mean_of_log_likelihood_on_the_dequantised_examples_and
     cfg = _cfg()
     vae = build_model(cfg).eval()
     data = ToySet(6)
-    ev = OmegaConf.create({"loglik_examples": 5, "loglik_samples": 3, "loglik_draws": 2, "batch_size": 2})
+    ev = OmegaConf.create({"loglik_examples": 5, "loglik_samples": 3, "loglik_draws": 2})
     pyro.set_rng_seed(0)
-    joint = joint_log_likelihood(vae, data, _specs(cfg), ev, seed=10)
+    joint = joint_log_likelihood(vae, data, _specs(cfg), ev, batch_size=2, seed=10)
 
     pyro.set_rng_seed(0)
     values = []
@@ -82,9 +82,9 @@ def test_zero_examples_is_off_and_bad_values_are_named():
     accepted silently."""
     cfg = _cfg()
     vae = build_model(cfg).eval()
-    assert joint_log_likelihood(vae, ToySet(2), _specs(cfg), OmegaConf.create({"loglik_examples": 0})) is None
+    assert joint_log_likelihood(vae, ToySet(2), _specs(cfg), OmegaConf.create({"loglik_examples": 0}), 2) is None
     with pytest.raises(ValueError, match="evaluation.loglik_samples"):
-        joint_log_likelihood(vae, ToySet(2), _specs(cfg), OmegaConf.create({"loglik_samples": -1}))
+        joint_log_likelihood(vae, ToySet(2), _specs(cfg), OmegaConf.create({"loglik_samples": -1}), 2)
 
 
 def test_two_stage_models_are_reported_as_unsupported():
@@ -92,5 +92,5 @@ def test_two_stage_models_are_reported_as_unsupported():
     for it), or being given a number it does not have."""
     cfg = _cfg("model=sbm_vae_c")
     vae = build_model(cfg).eval()
-    joint = joint_log_likelihood(vae, ToySet(2), _specs(cfg), OmegaConf.create({}))
+    joint = joint_log_likelihood(vae, ToySet(2), _specs(cfg), OmegaConf.create({}), 2)
     assert joint["supported"] is False and "two-stage" in joint["reason"]

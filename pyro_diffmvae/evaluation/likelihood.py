@@ -63,7 +63,7 @@ def _dequantised(batch: Mapping, continuous: Sequence[str], seed: int, device) -
     return out
 
 
-def _positive_int(ev, key: str, default: int) -> int:
+def _non_negative_int(ev, key: str, default: int) -> int:
     value = ev.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"evaluation.{key} must be a non-negative integer, got {value!r}")
@@ -71,20 +71,20 @@ def _positive_int(ev, key: str, default: int) -> int:
 
 
 @torch.no_grad()
-def joint_log_likelihood(vae, test_set, specs: Mapping[str, ModalitySpec], ev, seed: int = 0) -> dict | None:
-    """``metrics["joint_log_likelihood"]`` (module docstring); ``None`` when ``evaluation.loglik_examples`` is 0."""
-    n = min(_positive_int(ev, "loglik_examples", 256), len(test_set))
+def joint_log_likelihood(vae, test_set, specs: Mapping[str, ModalitySpec], ev, batch_size: int, device=None,
+                         seed: int = 0) -> dict | None:
+    """``metrics["joint_log_likelihood"]`` (module docstring), ``batch_size`` test examples at a time on
+    ``device``; ``None`` when ``evaluation.loglik_examples`` is 0."""
+    n = min(_non_negative_int(ev, "loglik_examples", 256), len(test_set))
     if n == 0:
         return None
     if isinstance(vae, TwoStageVAE):
         return {"supported": False, "reason": "two-stage models (SBM-VAE-C, MLD) have no shared latent z and no "
                                               "posterior density to importance-sample with (pyro_diffmvae.loglik)"}
-    k, draws = _positive_int(ev, "loglik_samples", 16), _positive_int(ev, "loglik_draws", 8)
+    k, draws = _non_negative_int(ev, "loglik_samples", 16), _non_negative_int(ev, "loglik_draws", 8)
     decoder = ev.get("loglik_decoder", "bound")
     names = list(vae.names)
     continuous = [m for m in names if _is_8bit_image(vae, m, specs[m])]
-    batch_size = max(1, int(ev.get("batch_size", 96)))
-    device = next(vae.parameters()).device
     values, stderrs, result = [], [], None
     for start in range(0, n, batch_size):
         batch = _dequantised(collate(test_set, range(start, min(n, start + batch_size))), continuous, seed + start, device)

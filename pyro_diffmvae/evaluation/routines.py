@@ -97,7 +97,8 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
         raise ValueError(f"data set {dataset.name!r}: unknown evaluation routine {routine!r}; known: {sorted(ROUTINES)}")
     with channels_last(cfg.evaluation, vae):
         metrics = ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
-        joint = joint_log_likelihood(vae, test_set, dataset.modalities(cfg), cfg.evaluation)
+        joint = joint_log_likelihood(vae, test_set, dataset.modalities(cfg), cfg.evaluation,
+                                     _batch_size(cfg.evaluation), _device(vae))
     if joint is not None:
         metrics["joint_log_likelihood"] = joint
     metrics["ledger"] = bound_ledger(vae, cfg, metrics, objective)
@@ -195,9 +196,8 @@ def channels_last(ev, *modules):
     (``experiments/benchmarks/bench_evaluation.py`` measures the whole evaluation both ways; the UNets,
     measured too, gain nothing and are left as they are). The values, and so the results up to float
     round-off, are unchanged."""
-    convs = [c for m in modules for c in m.modules() if isinstance(c, torch.nn.ConvTranspose2d)]
-    if not ev.get("channels_last", True):
-        convs = []
+    convs = ([c for m in modules for c in m.modules() if isinstance(c, torch.nn.ConvTranspose2d)]
+             if ev.get("channels_last", True) else [])
     for conv in convs:
         conv.to(memory_format=torch.channels_last)
     try:
