@@ -15,10 +15,24 @@ from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior, LatentUNet, collect_latents
 from .samplers import SAMPLERS, sample, sample_ddim, sample_probability_flow, sample_reverse_sde
 from .sde import VPSDE
-from .training import DiffMVAEModule, fit_svi, make_trainer
 from .weighting import WEIGHTINGS, get_weighting, likelihood_weighting, simple_weighting, unit_weighting
 
 __version__ = "0.1.0"
+
+#: names whose modules import Lightning (about 8 s on a 2-core CPU, through torchmetrics and
+#: torchvision): loaded on first use, so that ``import pyro_diffmvae`` (the apps' start, a notebook)
+#: does not pay for it unless it trains with Lightning
+_LAZY = {"DiffMVAEModule": ".training", "make_trainer": ".training", "fit_svi": ".training"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "VPSDE",

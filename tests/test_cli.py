@@ -94,8 +94,12 @@ def test_app_errors(tmp_path):
     assert res.returncode == 2 and "unknown modalit" in res.stderr and "'sound'" in res.stderr
 
 
-@pytest.mark.parametrize("model", ["mvae", "mmvae", "mvtcae", "mmvae_plus"])
+# one baseline through the app in the default suite (20 s each on 2 cores); every model's config builds
+# in test_every_config_group_option_composes_and_builds and every objective trains in test_objectives.py
+@pytest.mark.parametrize("model", ["mvae", *(pytest.param(m, marks=pytest.mark.slow) for m in ("mmvae", "mvtcae", "mmvae_plus"))])
 def test_baseline_models_train_with_their_objective(tmp_path, model):
+    """Catches: a baseline's model config that composes but does not run through diffmvae-train, or
+    that trains with another objective than its own (metrics.json names it)."""
     from pyro_diffmvae.builders import build_objective
     from pyro_diffmvae.objectives import OBJECTIVES
 

@@ -79,11 +79,13 @@ def test_mopoe_with_unclamped_experts_keeps_a_positive_kl_and_a_varying_latent(p
     assert logvar_max < 5.0  # no expert has switched itself off
 
 
+@pytest.mark.slow  # 75 s on 2 cores; the default suite keeps the test above, the published placement
 @pytest.mark.data
 @needs_real_data
 def test_the_prior_expert_in_every_product_lets_the_experts_collapse(polymnist_batches):
     """The same run with the prior in every product (MVAE's placement; this library's MoPoE before):
     measured: every expert's mean spread ≈ 0.04 after 50 steps, and no recovery by step 300 — the
-    failure the test above guards against."""
+    failure the test above guards against. (At 100 steps the published placement's spreads are also
+    ≈ 0.08 and its KL ≈ 3: it recovers later, so neither test may be shortened.)"""
     _, spread, _ = train_and_measure("every", polymnist_batches)
     assert max(spread.values()) < 0.15, spread
