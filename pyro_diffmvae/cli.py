@@ -88,7 +88,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .io import atomic_torch_save
+from .io import atomic_torch_save, load_state_dict_strict, read_checkpoint
 
 __all__ = ["train_main", "evaluate_main", "sample_main", "run_train", "run_evaluate", "run_sample", "load_run",
            "resume_paths", "resume_config", "TrainingInterrupted"]
@@ -178,7 +178,7 @@ def _train_setup(cfg: DictConfig) -> tuple[DictConfig, Path]:
     from hydra.core.hydra_config import HydraConfig
 
     run, ckpt = resume_paths(cfg.trainer.resume_from)
-    stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("diffmvae_config")
+    stored = read_checkpoint(ckpt).get("diffmvae_config")
     if stored is None:
         raise ValueError(f"cannot resume from {ckpt}: it holds no diffmvae-train config")
     return resume_config(cfg, stored, list(HydraConfig.get().overrides.task), run), run
@@ -290,7 +290,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         vae.latent_prior = prior
         prior_seconds = time.time() - start
     # the latent prior is a submodule of the VAE once attached, so one state dict holds both
-    atomic_torch_save({"config": config, "vae": vae.state_dict()}, out / "model.pt")
+    save_model(vae, config, out / "model.pt")
     save_loss_curves(out / "logs" / "metrics.csv", out / "loss_curves.png")
 
     metrics = {"training": {"objective": objective_name(cfg), "steps": int(trainer.global_step),
@@ -308,25 +308,32 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     return metrics
 
 
+def save_model(vae, config: dict, path: str | os.PathLike) -> None:
+    """Write ``model.pt``: ``{"config": <the resolved run config, plain data>, "vae": vae.state_dict()}``
+    (the latent prior, once attached, is part of the state dict), atomically. Only tensors and plain
+    containers, so that :func:`load_run` reads it with ``weights_only=True``."""
+    atomic_torch_save({"config": config, "vae": vae.state_dict()}, path)
+
+
 def load_run(checkpoint: str | os.PathLike):
     """Rebuild ``(vae, config)`` from a ``model.pt`` written by ``diffmvae-train`` or a Lightning checkpoint."""
     from .builders import build_latent_prior, build_model
 
     path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "config" in state:  # model.pt
+    state = read_checkpoint(path)  # weights_only: opening a file never runs code
+    if isinstance(state.get("config"), dict) and isinstance(state.get("vae"), dict):  # model.pt
         cfg, weights = OmegaConf.create(state["config"]), state["vae"]
-    elif "diffmvae_config" in state:  # Lightning checkpoint (no latent prior: it is fitted after training)
+    elif isinstance(state.get("diffmvae_config"), dict) and isinstance(state.get("state_dict"), dict):
+        # Lightning checkpoint (no latent prior: it is fitted after training)
         cfg = OmegaConf.create(state["diffmvae_config"])
         weights = {k[len("vae."):]: v for k, v in state["state_dict"].items() if k.startswith("vae.")}
     else:
-        raise ValueError(f"{path} is neither a model.pt of diffmvae-train nor a Lightning checkpoint of it")
+        raise ValueError(f"{path} is neither a model.pt of diffmvae-train nor a Lightning checkpoint of it "
+                         f"(its keys: {sorted(map(str, state))[:8]})")
     vae = build_model(cfg)
     if any(k.startswith("latent_prior.") for k in weights):
         vae.latent_prior = build_latent_prior(cfg)
-    vae.load_state_dict(weights)
+    load_state_dict_strict(vae, weights, path, "the weights of the model its stored config builds")
     vae.eval()
     return vae, cfg
 

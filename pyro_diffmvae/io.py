@@ -1,6 +1,7 @@
 """Files written so that a crash never leaves half of one (:func:`atomic_torch_save`), caches built
 once when many processes want them at the same time (:func:`exclusive_lock`), and pretrained weights
-read from a local file without running pickled code (:func:`read_state_dict`, :func:`load_state_dict_strict`)."""
+read from a local file without running pickled code (:func:`read_state_dict`, :func:`load_state_dict_strict`,
+:func:`read_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-__all__ = ["atomic_torch_save", "exclusive_lock", "read_state_dict", "load_state_dict_strict"]
+__all__ = ["atomic_torch_save", "exclusive_lock", "read_state_dict", "load_state_dict_strict", "read_checkpoint",
+           "other_checkpoints"]
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
@@ -140,3 +142,46 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
                          + "; ".join(problems))
     module.load_state_dict(state, strict=True)
     return module
+
+
+def other_checkpoints(path: str | os.PathLike) -> list[str]:
+    """The checkpoints of the run that ``path`` belongs to, other than ``path``: for ``<run>/model.pt``
+    or ``<run>/checkpoints/<name>.ckpt``, the files ``<run>/model.pt`` and ``<run>/checkpoints/*.ckpt``
+    that exist (sorted), ``best.ckpt`` first."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    run = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+    ckpts = os.path.join(run, "checkpoints")
+    found = [os.path.join(run, "model.pt")] + sorted(
+        (os.path.join(ckpts, n) for n in (os.listdir(ckpts) if os.path.isdir(ckpts) else []) if n.endswith(".ckpt")),
+        key=lambda p: (os.path.basename(p) != "best.ckpt", p))
+    return [p for p in found if os.path.isfile(p) and p != path]
+
+
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> dict:
+    """The dict saved at ``path`` (a ``model.pt`` or a Lightning ``.ckpt``), read with
+    ``torch.load(weights_only=True)``: tensors and plain data only, so opening a file can never run
+    code (a pickled payload is refused before anything of it executes).
+
+    :raises FileNotFoundError: naming ``path`` when there is no such file.
+    :raises ValueError: naming ``path`` when it cannot be read that way: random bytes, a truncated
+        file (an interrupted copy) or a pickle of arbitrary objects; the message lists the run's other
+        checkpoints (:func:`other_checkpoints`) to try instead.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        others = other_checkpoints(path)
+        hint = (f"; the run's other checkpoints: {', '.join(others)}" if others
+                else "; the run has no other checkpoint beside it")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"{what} {path!r} is not a file of this library that can be read safely (torch.load(weights_only=True): "
+            f"{type(e).__name__}: {first[:300]}): a truncated or corrupt file, or one carrying pickled objects "
+            f"(refused: unpickling them could run code){hint}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} {path!r} holds a {type(state).__name__}, not a checkpoint dict of this library")
+    return state
