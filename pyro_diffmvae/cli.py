@@ -197,7 +197,6 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
 
     With ``cfg.trainer.resume_from`` set, training continues from ``out/checkpoints/last.ckpt``."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader
@@ -206,7 +205,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     from .evaluation import evaluate, save_metrics, write_report
     from .figures import save_loss_curves
     from .prior import collect_latents
-    from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer
+    from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer, run_checkpoints
 
     t = cfg.trainer
     resume_ckpt = None
@@ -238,8 +237,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint["diffmvae_config"] = config
 
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/loss", mode="min",
-                           save_last=True, save_top_k=1)
+    ckpt = run_checkpoints(out / "checkpoints")
     interrupt = SaveOnInterrupt(out / "checkpoints")
     trainer = make_trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, gradient_clip_val=t.gradient_clip_val,

@@ -26,7 +26,7 @@ from pyro_diffmvae.model import MultimodalVAE
 from pyro_diffmvae.objectives import ELBO
 from pyro_diffmvae.prior import LatentMLP, LatentScorePrior
 from pyro_diffmvae.train import (AtomicCheckpointIO, DiffMVAEModule, NonFiniteLossError, ResumableDataLoader,
-                                 SaveOnInterrupt, make_trainer)
+                                 SaveOnInterrupt, make_trainer, run_checkpoints)
 
 N_CLASSES, D_IMG, LATENT = 4, 6, 3
 
@@ -188,6 +188,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, uninterrupte
     for k, s in full_optim["state"].items():
         for name in s:
             assert torch.equal(s[name], optim["state"][k][name]), (k, name)
+
+
+def test_resume_before_the_first_validation_keeps_writing_last_ckpt(tmp_path):
+    """A run stopped by SIGTERM at step 2 (before its first validation, so last.ckpt is SaveOnInterrupt's,
+    not ModelCheckpoint's) and resumed with the run's own checkpoints: last.ckpt advances to the
+    last validation and best.ckpt appears, with no last-v1.ckpt. Catches: Lightning's version counter,
+    which saved the resumed run to last-v1.ckpt and left last.ckpt at step 2 for the next resume."""
+    ckpt_dir = tmp_path / "checkpoints"
+    with pytest.raises(SIGTERMException):
+        fit(tmp_path, N_STEPS, [StopAt(2, signal.SIGTERM), SaveOnInterrupt(ckpt_dir)])
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 2
+    _, tr, _ = fit(tmp_path, N_STEPS, [run_checkpoints(ckpt_dir)], ckpt_path=ckpt_dir / "last.ckpt")
+    assert tr.global_step == N_STEPS
+    assert sorted(os.listdir(ckpt_dir)) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(ckpt_dir / "last.ckpt", weights_only=True)["global_step"] == 8  # the last validation (every 4)
 
 
 def test_second_ctrl_c_aborts_without_saving(tmp_path):

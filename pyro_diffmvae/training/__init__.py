@@ -3,8 +3,8 @@
 One concept per module:
 
 * :mod:`~pyro_diffmvae.training.module`: :class:`DiffMVAEModule` (Lightning) and :class:`NonFiniteLossError`;
-* :mod:`~pyro_diffmvae.training.checkpointing`: :class:`AtomicCheckpointIO`, :class:`SaveOnInterrupt`
-  and :func:`make_trainer`;
+* :mod:`~pyro_diffmvae.training.checkpointing`: :class:`AtomicCheckpointIO`, :class:`SaveOnInterrupt`,
+  :func:`run_checkpoints` and :func:`make_trainer`;
 * :mod:`~pyro_diffmvae.training.data`: :class:`ResumableDataLoader` over :class:`EpochPermutationSampler`,
   and :func:`batch_size_of`;
 * :mod:`~pyro_diffmvae.training.rng`: :func:`rng_states`, :func:`set_rng_states` and
@@ -23,13 +23,13 @@ share of the data.
 
 from .accelerator import (batch_to_channels_last, compile_eps_nets, diffusion_eps_nets, eps_nets_to_channels_last,
                           uncompile_eps_nets)
-from .checkpointing import AtomicCheckpointIO, SaveOnInterrupt, make_trainer
+from .checkpointing import AtomicCheckpointIO, SaveOnInterrupt, make_trainer, run_checkpoints
 from .data import EpochPermutationSampler, ResumableDataLoader, batch_size_of
 from .module import DiffMVAEModule, NonFiniteLossError
 from .rng import rank_and_world_size, rng_states, set_rng_states
 from .svi import fit_svi
 
-__all__ = ["DiffMVAEModule", "make_trainer", "fit_svi", "NonFiniteLossError", "AtomicCheckpointIO",
+__all__ = ["DiffMVAEModule", "make_trainer", "run_checkpoints", "fit_svi", "NonFiniteLossError", "AtomicCheckpointIO",
            "SaveOnInterrupt", "ResumableDataLoader", "EpochPermutationSampler", "diffusion_eps_nets",
            "eps_nets_to_channels_last", "batch_to_channels_last", "compile_eps_nets", "uncompile_eps_nets",
            "batch_size_of", "rng_states", "set_rng_states", "rank_and_world_size"]

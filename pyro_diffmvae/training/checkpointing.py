@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..io import atomic_torch_save
 
-__all__ = ["AtomicCheckpointIO", "SaveOnInterrupt", "make_trainer"]
+__all__ = ["AtomicCheckpointIO", "SaveOnInterrupt", "make_trainer", "run_checkpoints"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -130,6 +130,20 @@ class SaveOnInterrupt(L.Callback):
                 self._save(trainer)
         elif isinstance(exception, KeyboardInterrupt):
             rank_zero_info("aborted without saving a checkpoint (the last one written stays as it was)")
+
+
+def run_checkpoints(dirpath: str | os.PathLike) -> "L.pytorch.callbacks.ModelCheckpoint":
+    """The checkpoints of a ``diffmvae-train`` run: ``best.ckpt`` (lowest ``val/loss``) and ``last.ckpt``,
+    always under those two names.
+
+    Lightning's version counter is off: with it, a run resumed from a ``last.ckpt`` that this callback
+    did not write itself (written by :class:`SaveOnInterrupt` before the first validation, or a copied
+    run directory) saves to ``last-v1.ckpt``, and the next resume silently restarts from the stale
+    ``last.ckpt``. Without it, every save replaces the file (atomically: :class:`AtomicCheckpointIO`)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=dirpath, filename="best", monitor="val/loss", mode="min", save_last=True,
+                           save_top_k=1, enable_version_counter=False)
 
 
 def make_trainer(
