@@ -101,7 +101,13 @@ def poe(
     mu, logvar = _at_least_float32(mu), _at_least_float32(logvar)
     if mask is None:
         mask = torch.ones(mu.shape[:-1], dtype=torch.bool, device=mu.device)
-    mask = mask.to(torch.bool)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"poe: mask must be a bool tensor (which experts take part), got dtype {mask.dtype}")
+    try:
+        torch.broadcast_shapes(mask.shape, mu.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"poe: mask of shape {tuple(mask.shape)} does not broadcast to the experts' (..., M) = "
+                         f"{tuple(mu.shape[:-1])}") from None
     mask, mu, logvar = torch.broadcast_tensors(mask.unsqueeze(-1), mu, logvar)
     zeros = torch.zeros_like(mu)
     mu = torch.where(mask, mu, zeros)

@@ -317,6 +317,20 @@ class MultimodalVAE(PyroModule):
         mu, logvar = self.experts({n: x for n, x in data.items() if n in given}, mask)
         return mu, logvar, mask
 
+    def check_given_observed(self, batch: Mapping, given: Sequence[str]) -> None:
+        """ValueError naming the examples of ``batch`` that have none of the ``given`` modalities
+        (their conditional would silently be the unconditional prior)."""
+        _, available, _ = self.parse_batch(batch)
+        unknown = [g for g in given if g not in self.modalities]
+        if unknown:
+            raise ValueError(f"unknown modality names {unknown} in given; known: {self.names}")
+        keep = torch.tensor([n in given for n in self.names], device=available.device)
+        none = (~(available & keep).any(-1)).nonzero().flatten().tolist()
+        if none:
+            raise ValueError(f"generate: examples {none[:10]}{' ...' if len(none) > 10 else ''} of the batch "
+                             f"({len(none)} of {available.shape[0]}) have none of the given modalities {list(given)}: "
+                             "there is nothing to condition them on (drop them, or use sample())")
+
     def fusion_posterior(self, batch: Mapping, given: Sequence[str]) -> dist.TorchDistribution:
         """The fusion's conditional (:meth:`~pyro_diffmvae.fusion.Fusion.given`): for ``mopoe`` and
         ``poe`` the product of the given observed experts (with the prior expert where the fusion
@@ -353,6 +367,10 @@ class MultimodalVAE(PyroModule):
     ) -> dict[str, torch.Tensor]:
         """Any-to-any conditional generation: z ~ q(z | x_given) (its mean with ``use_mean``),
         then each target (default: the modalities not given) from its decoder."""
+        if isinstance(given, str) or not given:
+            raise ValueError(f"generate: given={given!r} must be a non-empty list of modality names (of {self.names}); "
+                             "for unconditional samples use sample()")
+        self.check_given_observed(batch, given)
         targets = [n for n in self.names if n not in given] if targets is None else list(targets)
         q = self.posterior(batch, given)
         z = q.mean if use_mean else q.sample()
@@ -365,6 +383,10 @@ class MultimodalVAE(PyroModule):
     ) -> dict[str, torch.Tensor]:
         """Unconditional generation: z from N(0, I) (``prior="normal"``) or from the latent score
         prior (``prior="score"``, needs ``self.latent_prior``), then every target modality."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sample: n must be a positive integer (the number of samples), got {n!r}")
+        if prior_steps is not None and (isinstance(prior_steps, bool) or not isinstance(prior_steps, int) or prior_steps < 1):
+            raise ValueError(f"sample: prior_steps must be a positive integer or None (the prior's default), got {prior_steps!r}")
         device = self.subsets.device
         if prior == "normal":
             z = torch.randn(n, self.latent_dim, device=device)

@@ -119,6 +119,8 @@ class LatentScorePrior(nn.Module):
         """ValueError unless ``latents`` is a finite ``(N, latent_dim)`` tensor (what :meth:`fit` takes)."""
         if latents.dim() != 2 or latents.shape[1] != self.latent_dim:
             raise ValueError(f"latents must have shape (N, {self.latent_dim}), got {tuple(latents.shape)}")
+        if latents.shape[0] == 0:
+            raise ValueError(f"latents: an empty set (shape {tuple(latents.shape)}); the prior needs at least one latent")
         if not torch.isfinite(latents).all():
             raise ValueError("latents contain non-finite values")
 
@@ -131,6 +133,8 @@ class LatentScorePrior(nn.Module):
         sampling uses the averaged weights.
         """
         self.check_latents(latents)
+        _check_positive_int("steps", steps)
+        _check_positive_int("batch_size", batch_size)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
         averaged = None
@@ -175,12 +179,20 @@ class LatentScorePrior(nn.Module):
     def sample(self, n: int, sampler: str | None = None, steps: int | None = None) -> torch.Tensor:
         """Draw ``n`` latents with the reverse-time sampler (on the ε-network's device; the CPU for a
         network without parameters, such as a closed-form ε)."""
+        _check_positive_int("n", n)
+        if steps is not None:
+            _check_positive_int("steps", steps)
         param = next(self.eps_net.parameters(), None)
         device = None if param is None else param.device
         return _samplers.sample(
             self.eps_net, (n, self.latent_dim), self.sde, method=sampler or self.sampler,
-            steps=steps or self.sampler_steps, device=device,
+            steps=self.sampler_steps if steps is None else steps, device=device,
         )
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"LatentScorePrior: {name} must be a positive integer, got {value!r}")
 
 
 @torch.no_grad()

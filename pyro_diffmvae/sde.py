@@ -71,6 +71,10 @@ class VPSDE:
     T: float = 1.0
 
     def __post_init__(self):
+        for name in ("beta_min", "beta_max", "eps", "T"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"VPSDE {name} must be a finite real number, got {value!r} ({type(value).__name__})")
         if not (self.beta_min > 0.0 and self.beta_max >= self.beta_min):
             raise ValueError(
                 f"VPSDE needs 0 < beta_min <= beta_max, got beta_min={self.beta_min}, "

@@ -1,0 +1,109 @@
+"""The API's silent cases are errors that name the mistake (issue: nothing run that should not run).
+
+Each test names the silent behaviour it replaces: a NaN schedule, a cast mask, a zero or negative
+count turned into a default or an empty result, an unconditional sample returned as a conditional.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_diffmvae import VPSDE, FeedForwardDecoder, LatentMLP, LatentScorePrior, Modality, MultimodalVAE, poe
+
+D = 3
+
+
+class Expert(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Linear(dim, 2 * D)
+
+    def forward(self, x):
+        return self.net(x).chunk(2, -1)
+
+
+def two_modality_vae():
+    torch.manual_seed(0)
+    return MultimodalVAE([
+        Modality(m, Expert(4), FeedForwardDecoder(nn.Linear(D, 4), (4,), "normal", scale=1.0)) for m in ("a", "b")
+    ], D, fusion="mopoe")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"T": math.inf}, r"VPSDE T must be a finite real number, got inf"),
+    ({"beta_max": math.nan}, r"VPSDE beta_max must be a finite real number, got nan"),
+    ({"beta_min": "0.1"}, r"VPSDE beta_min must be a finite real number, got '0.1' \(str\)"),
+    ({"eps": True}, r"VPSDE eps must be a finite real number, got True \(bool\)"),
+])
+def test_vpsde_rejects_non_finite_and_non_numeric_parameters(kwargs, message):
+    """Catches: VPSDE(T=inf) accepted (every alpha, sigma is NaN downstream), a string compared with
+    a float deep inside __post_init__ (a TypeError that does not name the field)."""
+    with pytest.raises(ValueError, match=message):
+        VPSDE(**kwargs)
+    assert VPSDE(beta_min=1, T=2).T == 2  # integers are real numbers
+
+
+def test_poe_mask_must_be_boolean_and_broadcast_to_the_experts():
+    """Catches: a float mask cast to booleans (0.5 -> True: the expert silently takes part) and a
+    mask of the wrong shape failing inside torch.broadcast_tensors."""
+    mu, logvar = torch.zeros(2, 3, D), torch.zeros(2, 3, D)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor.*float32"):
+        poe(mu, logvar, torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 5\) does not broadcast to the experts' \(\.\.\., M\) = \(2, 3\)"):
+        poe(mu, logvar, torch.ones(2, 5, dtype=torch.bool))
+    # three unit experts and the prior: precision 4 (the valid call still works)
+    m, lv = poe(mu, logvar, torch.ones(3, dtype=torch.bool))
+    assert torch.allclose(lv, torch.full((2, D), -math.log(4.0)))
+
+
+@pytest.mark.parametrize("n", [0, -2, 2.0, True])
+def test_sample_needs_a_positive_integer_count(n):
+    """Catches: sample(0) failing in a reshape, sample(-2) in tensor creation, sample(2.0) accepted."""
+    with pytest.raises(ValueError, match=r"sample: n must be a positive integer"):
+        two_modality_vae().sample(n)
+
+
+def test_sample_prior_steps_zero_is_an_error_not_the_default():
+    """Catches: ``steps or default`` turning prior_steps=0 (and steps=0 of the prior) into the default."""
+    vae = two_modality_vae()
+    prior = LatentScorePrior(D, LatentMLP(D, hidden=8, num_blocks=1), sampler_steps=7)
+    vae.latent_prior = prior
+    with pytest.raises(ValueError, match=r"prior_steps must be a positive integer or None.*got 0"):
+        vae.sample(2, prior="score", prior_steps=0)
+    with pytest.raises(ValueError, match=r"steps must be a positive integer, got 0"):
+        prior.sample(2, steps=0)
+    assert prior.sample(2, steps=None).shape == (2, D)  # None: the prior's own default
+
+
+def test_latent_prior_fit_rejects_zero_steps_and_an_empty_latent_set():
+    """Catches: fit(steps=0) returning [] (an unfitted prior reported as fitted) and an empty latent
+    set failing inside torch.randint."""
+    prior = LatentScorePrior(D, LatentMLP(D, hidden=8, num_blocks=1))
+    with pytest.raises(ValueError, match=r"steps must be a positive integer, got 0"):
+        prior.fit(torch.randn(10, D), steps=0)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got -1"):
+        prior.fit(torch.randn(10, D), steps=1, batch_size=-1)
+    with pytest.raises(ValueError, match=r"an empty set \(shape \(0, 3\)\)"):
+        prior.fit(torch.randn(0, D), steps=2)
+    assert len(prior.fit(torch.randn(10, D), steps=2)) == 2
+
+
+def test_generate_refuses_an_empty_given_set_and_examples_without_any_given_modality():
+    """Catches: generate(given=[]) and generate(given=["b"]) on examples that have no "b" returning
+    samples of the prior as if they were conditioned on something."""
+    vae = two_modality_vae()
+    batch = {"a": torch.randn(3, 4), "b": torch.randn(3, 4)}
+    with pytest.raises(ValueError, match=r"given=\[\] must be a non-empty list.*use sample\(\)"):
+        vae.generate(batch, given=[])
+    with pytest.raises(ValueError, match=r"given='a' must be a non-empty list"):
+        vae.generate(batch, given="a")
+    missing_b = {"a": batch["a"], "b": batch["b"], "available": {"b": torch.tensor([True, False, False])}}
+    with pytest.raises(ValueError, match=r"examples \[1, 2\] of the batch \(2 of 3\) have none of the given modalities \['b'\]"):
+        vae.generate(missing_b, given=["b"])
+    with pytest.raises(ValueError, match=r"unknown modality names \['c'\]"):
+        vae.generate(batch, given=["c"])
+    out = vae.generate(missing_b, given=["a", "b"])  # every example has "a"
+    assert out == {}  # both modalities given: no target left
+    assert vae.generate(batch, given=["a"])["b"].shape == (3, 4)
