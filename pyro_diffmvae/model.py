@@ -305,15 +305,21 @@ class MultimodalVAE(PyroModule):
             return self.conditional(self, batch, given)
         return self.fusion_posterior(batch, given)
 
-    def given_experts(self, batch: Mapping, given: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The experts ``(mu, logvar)`` ``(B, M, D)`` of the batch and the mask ``(B, M)`` of the
-        modalities that are given and available (an example with none of them is an error)."""
-        data, available, B = self.parse_batch(batch)
+    def given_mask(self, available: torch.Tensor, given: Sequence[str]) -> torch.Tensor:
+        """``(B, M)``: which modalities are given and available (``available`` from :meth:`parse_batch`);
+        an unknown name in ``given`` is an error."""
         unknown = [g for g in given if g not in self.modalities]
         if unknown:
             raise ValueError(f"unknown modality names {unknown} in given; known: {self.names}")
-        keep = torch.tensor([n in given for n in self.names], device=available.device)
-        mask = available & keep
+        return available & torch.tensor([n in given for n in self.names], device=available.device)
+
+    def given_experts(self, batch: Mapping, given: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts ``(mu, logvar)`` ``(B, M, D)`` of the batch and the mask ``(B, M)`` of the
+        modalities that are given and available (:meth:`given_mask`). An example with none of them
+        gets an all-false row: :meth:`generate` refuses it (:meth:`check_given_observed`), PoE
+        conditionals without the prior expert refuse it, and a product with the prior expert is the prior."""
+        data, available, B = self.parse_batch(batch)
+        mask = self.given_mask(available, given)
         mu, logvar = self.experts({n: x for n, x in data.items() if n in given}, mask)
         return mu, logvar, mask
 
@@ -321,11 +327,7 @@ class MultimodalVAE(PyroModule):
         """ValueError naming the examples of ``batch`` that have none of the ``given`` modalities
         (their conditional would silently be the unconditional prior)."""
         _, available, _ = self.parse_batch(batch)
-        unknown = [g for g in given if g not in self.modalities]
-        if unknown:
-            raise ValueError(f"unknown modality names {unknown} in given; known: {self.names}")
-        keep = torch.tensor([n in given for n in self.names], device=available.device)
-        none = (~(available & keep).any(-1)).nonzero().flatten().tolist()
+        none = (~self.given_mask(available, given).any(-1)).nonzero().flatten().tolist()
         if none:
             raise ValueError(f"generate: examples {none[:10]}{' ...' if len(none) > 10 else ''} of the batch "
                              f"({len(none)} of {available.shape[0]}) have none of the given modalities {list(given)}: "
