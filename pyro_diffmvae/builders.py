@@ -168,9 +168,9 @@ def build_latent_prior(cfg: DictConfig) -> LatentScorePrior:
         return JointLatentDiffusion(M, D, mode=two.mode, p_joint=two.get("p_joint", 0.5),
                                     eps_net=MultiTimeLatentMLP(M, D, hidden=two.get("prior_hidden", None) or p.hidden,
                                                                num_blocks=p.num_blocks),
-                                    sampler=two.sampler, sampler_steps=two.sampler_steps)
+                                    sampler=two.sampler, sampler_steps=two.sampler_steps, fitted=False)
     return LatentScorePrior(D, LatentMLP(D, hidden=p.hidden, num_blocks=p.num_blocks), sampler=p.sampler,
-                            sampler_steps=p.sampler_steps)
+                            sampler_steps=p.sampler_steps, fitted=False)
 
 
 def to_device_batch(batch: Mapping, device) -> dict:

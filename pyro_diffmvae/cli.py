@@ -7,8 +7,12 @@ exception: resuming a run, below).
 * ``diffmvae-train [overrides]``: trains the VAE (Lightning: progress bar, ``checkpoints/last.ckpt``
   and ``checkpoints/best.ckpt``), fits the latent score prior, saves ``model.pt`` (config + weights),
   then evaluates: ``metrics.json``, ``report.md``, ``figures/*.png``.
-* ``diffmvae-evaluate checkpoint=<run>/model.pt [evaluation.*=...]``: the same evaluation of a saved model.
-* ``diffmvae-sample checkpoint=<run>/model.pt [sample.*=...]``: unconditional samples as PNGs.
+* ``diffmvae-evaluate checkpoint=<run>/model.pt [evaluation.*=...]``: the evaluation of a saved model
+  with the run's own evaluation settings and this call's ``evaluation.*`` overrides (and ``seed``,
+  ``dataset.root``, ``dataset.cache_dir``); any other override (``model.*``, ``experiment=...``) is
+  refused, since the model is rebuilt from the config stored with it.
+* ``diffmvae-sample checkpoint=<run>/model.pt [sample.*=...]``: unconditional samples as PNGs (only
+  ``sample.*`` and ``seed`` may be given).
 
 Robust runs
 -----------
@@ -31,9 +35,17 @@ Robust runs
   used; on the command line only ``trainer.*`` (not ``trainer.batch_size``), ``evaluation.*``,
   ``latent_prior.*``, ``dataset.cache_dir`` and ``dataset.root`` may be changed (e.g.
   ``trainer.max_steps=5000`` to train longer, ``trainer.devices=4``). It refuses a directory without
-  ``checkpoints/last.ckpt`` and a finished run (``model.pt`` exists). This invocation's own hydra
-  directory only records the resume command; do not point ``hydra.run.dir`` at the run being resumed
-  (hydra would overwrite its ``.hydra/`` record).
+  ``checkpoints/last.ckpt`` and a finished run (``model.pt`` exists). ``trainer.lr`` and
+  ``trainer.weight_decay`` apply to the restored optimizer; ``trainer.batch_size`` and
+  ``trainer.ema_decay`` cannot change; ``trainer.max_steps`` below the checkpoint's step is an error.
+  The resume is recorded in ``<run>/.hydra/resume_<k>/`` (the run's own ``.hydra/`` record stays as
+  it was); ``logs/metrics.csv`` continues from the checkpoint (the rows logged after it, which the
+  resume repeats, are dropped: the file equals an uninterrupted run's) and ``loss_curves.png`` shows
+  the whole history.
+* **Nothing is written before the checks pass.** Every setting is checked first
+  (:mod:`pyro_diffmvae.settings`: unknown keys, also those added with ``+``, and ranges); hydra's
+  record of the call (``.hydra/``) is written by the apps after the checks (``hydra.output_subdir:
+  null``), so a refused call leaves an existing directory as it was.
 
 Devices and DDP
 ---------------
@@ -114,6 +126,7 @@ def _env_rank() -> int:
 
 
 def _output_dir() -> Path:
+    """This call's hydra run directory, refused when it already holds results (nothing is overwritten)."""
     from hydra.core.hydra_config import HydraConfig
 
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -123,6 +136,29 @@ def _output_dir() -> Path:
         raise FileExistsError(f"output directory {out} already holds results {clash}; choose another hydra.run.dir "
                               "(nothing is overwritten)")
     return out
+
+
+def _record_invocation(folder: Path, cfg: DictConfig) -> None:
+    """Write hydra's record of this call (``config.yaml``, ``overrides.yaml``, ``hydra.yaml``) to ``folder``.
+
+    Hydra itself would write it to ``<run dir>/.hydra`` before the app runs, also when the app then
+    refuses the directory (a rerun into a finished run, a resume pointed at the run): the config sets
+    ``hydra.output_subdir: null`` and the apps write the record once their checks have passed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if _env_rank() != 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.get()
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+    (folder / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+
+
+def _command_line_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
 
 
 def resume_paths(resume_from: str | os.PathLike) -> tuple[Path, Path]:
@@ -148,40 +184,123 @@ def resume_paths(resume_from: str | os.PathLike) -> tuple[Path, Path]:
 
 
 RESUME_OVERRIDABLE = ("trainer.", "evaluation.", "latent_prior.", "dataset.cache_dir", "dataset.root")
+#: trainer keys a resumed run cannot change: the data order is checkpointed per batch, and the EMA
+#: state (present or not) is restored as it was saved
+RESUME_FIXED = ("trainer.batch_size", "trainer.ema_decay")
+#: what diffmvae-evaluate and diffmvae-sample may change of a saved run (the model is rebuilt from its stored config)
+APP_OVERRIDABLE = {"evaluate": ("evaluation.", "checkpoint", "seed", "dataset.cache_dir", "dataset.root"),
+                   "sample": ("sample.", "checkpoint", "seed")}
+
+
+def _allowed_names(allowed) -> str:
+    return ", ".join(k + ("*" if k.endswith(".") else "") for k in allowed)
+
+
+def _apply_overrides(base: DictConfig, cfg: DictConfig, overrides: list[str], allowed, fixed, refusal: str,
+                     skip=()) -> DictConfig:
+    """``base`` with each command-line override's value taken from ``cfg``; an override of a key
+    outside ``allowed`` (prefixes ending in ``.`` or exact keys), in ``fixed``, a deletion (``~``) or
+    a config group choice (``experiment=...``) raises ``ValueError`` beginning with ``refusal``."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in skip:
+            continue
+        ok = any(key.startswith(a) if a.endswith(".") else key == a for a in allowed)
+        if override.startswith("~") or not ok or key in fixed:
+            raise ValueError(f"cannot change {key!r} {refusal}; only {_allowed_names(allowed)} may be overridden"
+                             + (f" (not {', '.join(fixed)})" if fixed else ""))
+        OmegaConf.update(base, key, OmegaConf.select(cfg, key), force_add=True)
+    return base
 
 
 def resume_config(cfg: DictConfig, stored: dict, overrides: list[str], run: Path) -> DictConfig:
     """The config of a resumed run: the run's stored ``config`` plus the allowed command-line ``overrides``.
 
-    Trainer keys added since the run started take ``cfg``'s values; ``trainer.resume_from`` is ``run``."""
+    Trainer keys added since the run started take ``cfg``'s values; ``trainer.resume_from`` is ``run``.
+    ``trainer.lr`` and ``trainer.weight_decay`` apply to the restored optimizer (the module sets them
+    on its param groups when training starts)."""
     resumed = OmegaConf.create(stored)
     for key, value in cfg.trainer.items():
         if key not in resumed.trainer:
             resumed.trainer[key] = value
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "trainer.resume_from":
-            continue
-        if override.startswith("~") or not key.startswith(RESUME_OVERRIDABLE) or key == "trainer.batch_size":
-            raise ValueError(f"cannot change {key!r} when resuming: a resumed run keeps the config stored in its "
-                             f"checkpoint; only {', '.join(k + ('*' if k.endswith('.') else '') for k in RESUME_OVERRIDABLE)} "
-                             "may be overridden (not trainer.batch_size)")
-        OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=True)
+    _apply_overrides(resumed, cfg, overrides, RESUME_OVERRIDABLE, RESUME_FIXED,
+                     "when resuming: a resumed run keeps the config stored in its checkpoint",
+                     skip=("trainer.resume_from",))
     resumed.trainer.resume_from = str(run)
     return resumed
 
 
-def _train_setup(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """(config, output dir) of ``diffmvae-train``: a fresh hydra run dir, or the run being resumed."""
-    if not cfg.trainer.get("resume_from"):
-        return cfg, _output_dir()
-    from hydra.core.hydra_config import HydraConfig
+def saved_run_config(cfg: DictConfig, stored: DictConfig, overrides: list[str], app: str) -> DictConfig:
+    """The config ``diffmvae-evaluate`` / ``diffmvae-sample`` use for a saved run: its stored config
+    (its own ``evaluation`` and ``sample`` settings, with the keys added since it was saved taken from
+    ``cfg``), this call's ``seed``, and the call's allowed overrides (:data:`APP_OVERRIDABLE`); any other override is
+    refused (the model is rebuilt from the stored config, so ``model.*`` or ``experiment=...`` could
+    only be ignored)."""
+    run_cfg = OmegaConf.create(OmegaConf.to_container(stored, resolve=False))
+    for section in ("evaluation", "sample"):
+        for key, value in cfg[section].items():
+            if key not in run_cfg.get(section, {}):
+                OmegaConf.update(run_cfg, f"{section}.{key}", value, force_add=True)
+    run_cfg.seed = cfg.seed
+    run_cfg.checkpoint = cfg.checkpoint
+    return _apply_overrides(run_cfg, cfg, overrides, APP_OVERRIDABLE[app],
+                            (), f"in diffmvae-{app}: the model is rebuilt from the config stored with {cfg.checkpoint}")
 
+
+def _train_setup(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """(config, output dir) of ``diffmvae-train``: a fresh hydra run dir, or the run being resumed.
+
+    Every setting is checked first; hydra's record of the call is written only then (a fresh run:
+    ``<run>/.hydra``; a resume: ``<run>/.hydra/resume_<k>``, the run's own record kept)."""
+    from .settings import check_settings
+
+    if not cfg.trainer.get("resume_from"):
+        check_settings(cfg, "train")
+        out = _output_dir()
+        _record_invocation(out / ".hydra", cfg)
+        return cfg, out
     run, ckpt = resume_paths(cfg.trainer.resume_from)
-    stored = read_checkpoint(ckpt).get("diffmvae_config")
+    state = read_checkpoint(ckpt)
+    stored = state.get("diffmvae_config")
     if stored is None:
         raise ValueError(f"cannot resume from {ckpt}: it holds no diffmvae-train config")
-    return resume_config(cfg, stored, list(HydraConfig.get().overrides.task), run), run
+    resumed = resume_config(cfg, stored, _command_line_overrides(), run)
+    check_settings(resumed, "train")
+    step = int(state.get("global_step", 0))
+    if resumed.trainer.max_steps < step:
+        raise ValueError(f"trainer.max_steps={resumed.trainer.max_steps} is below the step of {ckpt} ({step}): "
+                         "resuming would train nothing; give a larger trainer.max_steps")
+    k = 1
+    while (run / ".hydra" / f"resume_{k}").exists():
+        k += 1
+    _record_invocation(run / ".hydra" / f"resume_{k}", resumed)
+    return resumed, run
+
+
+def _saved_run_setup(app: str):
+    def setup(cfg: DictConfig) -> tuple[DictConfig, Path]:
+        from .settings import check_settings
+
+        if cfg.checkpoint is None:
+            raise ValueError(f"diffmvae-{app} needs checkpoint=<run dir>/model.pt")
+        stored = _stored_config(cfg.checkpoint)
+        run_cfg = saved_run_config(cfg, stored, _command_line_overrides(), app)
+        check_settings(run_cfg, app)
+        out = _output_dir()
+        _record_invocation(out / ".hydra", run_cfg)
+        return run_cfg, out
+    return setup
+
+
+def _stored_config(checkpoint) -> DictConfig:
+    """The config stored in a ``model.pt`` or a Lightning checkpoint of diffmvae-train."""
+    path = Path(checkpoint)
+    state = read_checkpoint(path)  # weights_only: opening a file never runs code
+    for key in ("config", "diffmvae_config"):
+        if isinstance(state.get(key), dict):
+            return OmegaConf.create(state[key])
+    raise ValueError(f"{path} is neither a model.pt of diffmvae-train nor a Lightning checkpoint of it "
+                     f"(its keys: {sorted(map(str, state))[:8]})")
 
 
 def _seed(seed: int) -> None:
@@ -197,7 +316,6 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
 
     With ``cfg.trainer.resume_from`` set, training continues from ``out/checkpoints/last.ckpt``."""
     import lightning as L
-    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader
 
@@ -206,13 +324,15 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     from .figures import save_loss_curves
     from .prior import collect_latents
     from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer, run_checkpoints
+    from .training.run_log import FlushLogOnCheckpoint, RunCSVLogger
 
     t = cfg.trainer
-    resume_ckpt = None
+    resume_ckpt, resume_step = None, None
     if t.resume_from:
         resume_ckpt = out / "checkpoints" / "last.ckpt"
         if not resume_ckpt.is_file():
             raise FileNotFoundError(f"cannot resume {out}: {resume_ckpt} does not exist")
+        resume_step = int(read_checkpoint(resume_ckpt)["global_step"])  # logs/metrics.csv continues from here
         print(f"resuming {out} from {resume_ckpt}")
     _seed(cfg.seed)
     train_set, val_set, test_set = build_datasets(cfg)
@@ -224,6 +344,9 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     # a seeded, checkpointed data order (exact resume); it shards itself across DDP ranks
     train_loader = ResumableDataLoader(train_set, batch_size=t.batch_size, seed=cfg.seed, shuffle=True,
                                        num_workers=t.num_workers, drop_last=True)
+    if len(train_loader) == 0:  # drop_last: no full batch, Lightning would only warn and "finish"
+        raise ValueError(f"trainer.batch_size={t.batch_size} is larger than the training set ({len(train_set)} "
+                         "examples per process): there is no training batch; lower trainer.batch_size")
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
     objective = build_objective(cfg)  # the one objective: training, validation, checkpoint selection, logging
     module = DiffMVAEModule(vae, lr=t.lr, weight_decay=t.weight_decay, log_parts_every=t.log_parts_every,
@@ -244,7 +367,8 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         precision=t.precision, default_root_dir=str(out), log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, strategy=t.strategy, num_nodes=t.num_nodes,
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
-        callbacks=[ckpt, StoreConfig(), interrupt], logger=CSVLogger(str(out), name="logs", version=""),
+        callbacks=[ckpt, StoreConfig(), interrupt, FlushLogOnCheckpoint()],
+        logger=RunCSVLogger(out, resume_step=resume_step),
         val_check_interval=min(t.val_every_n_steps, len(train_loader)), check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, use_distributed_sampler=False,
     )
@@ -337,17 +461,18 @@ def load_run(checkpoint: str | os.PathLike):
 
 
 def run_evaluate(cfg: DictConfig, out: Path) -> dict:
+    """Evaluate ``cfg.checkpoint``; ``cfg`` is the saved run's config with this call's evaluation
+    settings (:func:`saved_run_config`)."""
     from .builders import build_datasets, build_objective
     from .evaluation import evaluate, save_metrics, write_report
 
     if cfg.checkpoint is None:
         raise ValueError("diffmvae-evaluate needs checkpoint=<run dir>/model.pt")
     _seed(cfg.seed)
-    vae, run_cfg = load_run(cfg.checkpoint)
-    run_cfg.evaluation = cfg.evaluation  # evaluation settings come from this call
-    train_set, _, test_set = build_datasets(run_cfg)
+    vae, _ = load_run(cfg.checkpoint)
+    train_set, _, test_set = build_datasets(cfg)
     _seed(cfg.seed)  # as diffmvae-train seeds its evaluation
-    metrics = evaluate(vae, test_set, train_set, run_cfg, out, objective=build_objective(run_cfg))
+    metrics = evaluate(vae, test_set, train_set, cfg, out, objective=build_objective(cfg))
     save_metrics(metrics, out / "metrics.json")
     write_report(metrics, out / "report.md", title=f"evaluation of {cfg.checkpoint}")
     print(f"outputs in {out}")
@@ -355,31 +480,33 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict:
 
 
 def run_sample(cfg: DictConfig, out: Path) -> Path:
+    """Unconditional samples of ``cfg.checkpoint`` with ``cfg.sample``'s settings."""
     from .figures import figure_captions, save_unconditional_figure
 
     if cfg.checkpoint is None:
         raise ValueError("diffmvae-sample needs checkpoint=<run dir>/model.pt")
     _seed(cfg.seed)
-    vae, run_cfg = load_run(cfg.checkpoint)
+    vae, _ = load_run(cfg.checkpoint)
     s = cfg.sample
     gen = vae.sample(s.num, prior=s.prior, sampler=s.sampler, steps=s.steps)
     (out / "samples").mkdir(parents=True)
     torch.save({k: v.cpu() for k, v in gen.items()}, out / "samples" / "samples.pt")
     save_unconditional_figure({s.prior: gen}, vae.names, out / "samples" / "samples.png", n=min(s.num, 16),
-                              captions=figure_captions(run_cfg, vae.names))
+                              captions=figure_captions(cfg, vae.names))
     print(f"outputs in {out}")
     return out / "samples"
 
 
-def _main(fn, cfg: DictConfig, setup=None):
+def _main(fn, cfg: DictConfig, setup) -> None:
     try:
-        cfg, out = setup(cfg) if setup is not None else (cfg, _output_dir())
+        cfg, out = setup(cfg)  # every check; hydra's record of the call written only once they pass
         fn(cfg, out)
     except TrainingInterrupted as err:
         print(f"{err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        # FloatingPointError: train.NonFiniteLossError (a NaN/inf training loss)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, FloatingPointError) as err:
+        # FloatingPointError: train.NonFiniteLossError (a NaN/inf training loss); PermissionError: an
+        # unwritable run directory (its message names the path)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
@@ -393,10 +520,10 @@ def train_main(cfg: DictConfig) -> None:
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def evaluate_main(cfg: DictConfig) -> None:
     """diffmvae-evaluate checkpoint=...: evaluate a saved model."""
-    _main(run_evaluate, cfg)
+    _main(run_evaluate, cfg, setup=_saved_run_setup("evaluate"))
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def sample_main(cfg: DictConfig) -> None:
     """diffmvae-sample checkpoint=...: unconditional samples."""
-    _main(run_sample, cfg)
+    _main(run_sample, cfg, setup=_saved_run_setup("sample"))

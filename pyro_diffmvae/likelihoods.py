@@ -248,7 +248,12 @@ class ScoreMatchingLikelihood(TorchDistribution):
         sq_err = sq_err.sum(event_dims) if event_dims else sq_err
         if self.control_variate:
             sq_err = sq_err - self.event_size * self.sde.alpha(t) ** 2
-        weight = self.weighting(t, self.sde) / self.sde.sigma2(t) / density
+        lam = self.weighting(t, self.sde)
+        if not isinstance(lam, torch.Tensor) or lam.shape != t.shape:
+            got = tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__
+            raise ValueError(f"weighting {self.weighting_name!r} returned {got} for t of shape {tuple(t.shape)}: "
+                             "a weighting(t, sde) must return a tensor of t's shape (one lambda(t) per time)")
+        weight = lam / self.sde.sigma2(t) / density
         loss = (0.5 * weight * sq_err).reshape(k, n).mean(0)
 
         if self.include_constants:

@@ -210,6 +210,19 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(f"modality {name!r}: data must be floating point, got {x.dtype}")
         if not torch.isfinite(x).all():
             raise ValueError(f"modality {name!r}: data contains non-finite values (NaN or inf)")
+        if self.output_range is not None:
+            low, high = self.output_range
+            margin = DATA_RANGE_MARGIN * (high - low)
+            lo, hi = (v.item() for v in torch.aminmax(x.detach()))
+            if lo < low - margin or hi > high + margin:
+                raise ValueError(f"modality {name!r}: data lie in [{lo:.4g}, {hi:.4g}], outside the decoder's data range "
+                                 f"[{low:g}, {high:g}] (allowed margin {margin:g}): scale the data (e.g. images to "
+                                 "[-1, 1]) before training; the diffusion's noise schedule assumes that range")
+
+
+#: how far (as a fraction of the range's width) diffusion-decoded data may lie outside the decoder's
+#: ``output_range``: room for dequantisation noise and resampling overshoot, not for data in another scale
+DATA_RANGE_MARGIN = 0.05
 
 
 class Modality(nn.Module):

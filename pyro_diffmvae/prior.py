@@ -85,6 +85,10 @@ class LatentScorePrior(nn.Module):
     :param eps_net: an ε-predictor ``eps_net(z_t, None, t)``; default :class:`LatentMLP`.
     :param sde: the VP-SDE (default ``VPSDE()``).
     :param sampler, sampler_steps: defaults for :meth:`sample`.
+    :param fitted: whether the ε-network is ready to sample (:attr:`fitted`); ``None``: true when an
+        ``eps_net`` is given (a closed form or a trained network), false for the default, freshly
+        initialised :class:`LatentMLP`. :meth:`fit` and loading a state dict set it; :meth:`sample`
+        refuses an unfitted prior (its samples would be noise shaped by random weights).
 
     Example::
 
@@ -95,15 +99,17 @@ class LatentScorePrior(nn.Module):
     """
 
     def __init__(self, latent_dim: int, eps_net: nn.Module | None = None, sde: VPSDE | None = None,
-                 sampler: str = "ddim", sampler_steps: int | None = None):
+                 sampler: str = "ddim", sampler_steps: int | None = None, fitted: bool | None = None):
         super().__init__()
         if sampler not in _samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known samplers: {sorted(_samplers.SAMPLERS)}")
         self.latent_dim = latent_dim
+        self.fitted = (eps_net is not None) if fitted is None else bool(fitted)
         self.eps_net = eps_net if eps_net is not None else LatentMLP(latent_dim)
         self.sde = sde if sde is not None else VPSDE()
         self.sampler = sampler
         self.sampler_steps = sampler_steps
+        self.register_load_state_dict_post_hook(_mark_fitted)  # also when a parent (the VAE) loads
 
     def loss(self, z0: torch.Tensor) -> torch.Tensor:
         r"""Mean ε-MSE :math:`\mathbb E\|\hat\epsilon_\phi - \epsilon\|^2` over the batch (one (t, ε) draw per latent)."""
@@ -163,7 +169,14 @@ class LatentScorePrior(nn.Module):
                 for p, q in zip(self.eps_net.parameters(), averaged.module.parameters()):
                     p.copy_(q)
         self.eval()
+        self.fitted = True
         return losses
+
+    def check_fitted(self) -> None:
+        """ValueError unless the prior has been fitted (or loaded, or built on a given ε-network)."""
+        if not self.fitted:
+            raise ValueError(f"{type(self).__name__} has not been fitted: fit() it on latents first (or load the "
+                             "weights of a fitted one); its untrained network would sample noise")
 
     def log_prob(self, z: torch.Tensor, divergence: str = "auto", num_probes: int = 4, rtol: float = 1e-5,
                  atol: float = 1e-5) -> torch.Tensor:
@@ -182,12 +195,18 @@ class LatentScorePrior(nn.Module):
         _check_positive_int("n", n)
         if steps is not None:
             _check_positive_int("steps", steps)
+        self.check_fitted()
         param = next(self.eps_net.parameters(), None)
         device = None if param is None else param.device
         return _samplers.sample(
             self.eps_net, (n, self.latent_dim), self.sde, method=sampler or self.sampler,
             steps=self.sampler_steps if steps is None else steps, device=device,
         )
+
+
+def _mark_fitted(module: LatentScorePrior, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: loaded weights are fitted weights."""
+    module.fitted = True
 
 
 def _check_positive_int(name: str, value) -> None:

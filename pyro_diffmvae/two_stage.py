@@ -110,7 +110,8 @@ class JointLatentDiffusion(LatentScorePrior):
     """
 
     def __init__(self, num_modalities: int, block_dim: int, mode: str = "sbm", eps_net: nn.Module | None = None,
-                 sde: VPSDE | None = None, p_joint: float = 0.5, sampler: str = "ddim", sampler_steps: int | None = None):
+                 sde: VPSDE | None = None, p_joint: float = 0.5, sampler: str = "ddim", sampler_steps: int | None = None,
+                 fitted: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown joint latent diffusion mode {mode!r}; known: {list(MODES)}")
         if not 0.0 <= p_joint <= 1.0:
@@ -119,7 +120,8 @@ class JointLatentDiffusion(LatentScorePrior):
         if M < 1 or d < 1:
             raise ValueError(f"num_modalities and block_dim must be positive, got {M}, {d}")
         super().__init__(M * d, eps_net if eps_net is not None else MultiTimeLatentMLP(M, d), sde=sde,
-                         sampler=sampler, sampler_steps=sampler_steps)
+                         sampler=sampler, sampler_steps=sampler_steps,
+                         fitted=(eps_net is not None) if fitted is None else fitted)
         self.num_modalities, self.block_dim, self.mode, self.p_joint = M, d, mode, float(p_joint)
         self.register_buffer("shift", torch.zeros(M * d))
         self.register_buffer("scale", torch.ones(M * d))
@@ -236,6 +238,7 @@ class JointLatentDiffusion(LatentScorePrior):
         observed = self._block_mask(observed, u_obs.shape[0])
         if observed.all():  # nothing to complete
             return u_obs.clone()
+        self.check_fitted()
         x_obs = torch.where(self._expand(observed), self.normalise(u_obs), torch.zeros_like(u_obs))
         x = _samplers.sample(self.conditioned_eps(x_obs, observed), tuple(u_obs.shape), self.sde,
                              method=sampler or self.sampler, steps=steps or self.sampler_steps,

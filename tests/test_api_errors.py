@@ -107,3 +107,66 @@ def test_generate_refuses_an_empty_given_set_and_examples_without_any_given_moda
     out = vae.generate(missing_b, given=["a", "b"])  # every example has "a"
     assert out == {}  # both modalities given: no target left
     assert vae.generate(batch, given=["a"])["b"].shape == (3, 4)
+
+
+def test_an_attached_but_unfitted_latent_prior_is_refused_and_fitting_or_loading_makes_it_usable():
+    """Catches: sample(prior="score") drawing from a freshly initialised prior network (noise shaped by
+    random weights reported as the score prior's samples), and a prior whose fitted weights were
+    loaded (model.pt) being refused."""
+    from pyro_diffmvae.builders import build_latent_prior
+    from omegaconf import OmegaConf
+
+    vae = two_modality_vae()
+    cfg = OmegaConf.create({"model": {"latent_dim": D}, "latent_prior": {
+        "hidden": 8, "num_blocks": 1, "sampler": "ddim", "sampler_steps": 3}})
+    vae.latent_prior = build_latent_prior(cfg)  # what diffmvae-train builds before fitting
+    with pytest.raises(ValueError, match=r"LatentScorePrior has not been fitted"):
+        vae.sample(2, prior="score")
+    fitted = LatentScorePrior(D, LatentMLP(D, hidden=8, num_blocks=1), fitted=False)
+    fitted.fit(torch.randn(16, D), steps=2)
+    assert vae.sample(2, prior="normal")["a"].shape == (2, 4)  # N(0, I) needs no prior
+    reloaded = two_modality_vae()
+    reloaded.latent_prior = build_latent_prior(cfg)
+    vae.latent_prior = fitted
+    reloaded.load_state_dict(vae.state_dict())  # as load_run does: the VAE loads, the prior's hook fires
+    assert reloaded.latent_prior.fitted
+    assert reloaded.sample(2, prior="score")["a"].shape == (2, 4)
+    # a given eps-network (a closed form or a trained net) is taken as ready, unless fitted=False
+    assert LatentScorePrior(D, LatentMLP(D)).fitted and not LatentScorePrior(D).fitted
+
+
+def test_diffusion_data_outside_the_decoders_range_is_named():
+    """Catches: images in [0, 255] (or 100x their range) given to a decoder whose noise schedule
+    assumes [-1, 1]: training went on with a loss of 2e6."""
+    from pyro_diffmvae import DiffusionDecoder
+
+    class Eps(nn.Module):
+        def forward(self, x_t, z, t):
+            return torch.zeros_like(x_t)
+
+    decoder = DiffusionDecoder(Eps(), (4,), weighting="simple", output_range=(-1.0, 1.0))
+    vae = MultimodalVAE([Modality("img", Expert(4), decoder)], D, fusion="mopoe")
+    with pytest.raises(ValueError, match=r"modality 'img': data lie in \[-100, 100\], outside the decoder's data "
+                                         r"range \[-1, 1\] \(allowed margin 0.1\)"):
+        vae.modalities["img"].check_data(torch.tensor([[-100.0, 0.0, 1.0, 100.0]]))
+    vae.modalities["img"].check_data(torch.tensor([[-1.05, 0.0, 1.0, 1.09]]))  # dequantisation-sized overshoot
+    from pyro.infer import Trace_ELBO
+
+    with pytest.raises(ValueError, match=r"outside the decoder's data range"):
+        Trace_ELBO().loss(vae.model, vae.guide, {"img": 50 * torch.rand(2, 4)})
+
+
+def test_a_weighting_of_the_wrong_shape_is_named():
+    """Catches: a user's weighting(t, sde) returning a scalar or a (B, 1) tensor, which broadcast
+    silently (a (B, B) loss) or failed deep inside torch."""
+    from pyro_diffmvae import ScoreMatchingLikelihood
+
+    class Eps(nn.Module):
+        def forward(self, x_t, z, t):
+            return torch.zeros_like(x_t)
+
+    for bad, got in [(lambda t, sde: t[:, None], r"\(5, 1\)"), (lambda t, sde: 1.0, "float")]:
+        lik = ScoreMatchingLikelihood(Eps(), None, VPSDE(), weighting=bad, event_shape=(2,), batch_shape=(5,))
+        with pytest.raises(ValueError, match=rf"returned {got} for t of shape \(5,\): a weighting\(t, sde\) must return "
+                                             r"a tensor of t's shape"):
+            lik.log_prob(torch.zeros(5, 2))

@@ -68,10 +68,11 @@ def test_train_evaluate_sample_end_to_end(tmp_path):
     assert metrics["fd_name"] == "FD_classifier"
     assert "| given |" in (run / "report.md").read_text()
     # evaluate and sample load the saved model (and a Lightning checkpoint)
-    res = run_app("evaluate", "experiment=tiny", f"checkpoint={run}/model.pt", f"hydra.run.dir={tmp_path}/eval", *common, cwd=tmp_path)
+    # the run's own evaluation and sample settings (tiny's sizes) without naming the preset again
+    res = run_app("evaluate", f"checkpoint={run}/model.pt", f"hydra.run.dir={tmp_path}/eval", *common, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_examples"] == 8
-    res = run_app("sample", "experiment=tiny", f"checkpoint={run}/checkpoints/last.ckpt", "sample.prior=normal",
+    res = run_app("sample", f"checkpoint={run}/checkpoints/last.ckpt", "sample.prior=normal",
                   f"hydra.run.dir={tmp_path}/sample", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     samples = torch.load(tmp_path / "sample" / "samples" / "samples.pt")

@@ -134,10 +134,11 @@ def test_user_weighting_fusion_and_objective_train_evaluate_and_sample_through_t
     assert vae.fusion.combine.func is lab_fusion.tempered_poe
     assert vae.modalities["image"].decoder.likelihood_kwargs["weighting"].func is lab_weighting.sigmoid_weighting
     assert type(build_objective(cfg)) is lab_objective.MonteCarloKLELBO
-    res = _run_app("evaluate", *user, f"checkpoint={run}/model.pt", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    # evaluate and sample rebuild the user's parts from the stored config: only their own settings are given
+    res = _run_app("evaluate", f"checkpoint={run}/model.pt", *user[-2:], f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_examples"] == 8
-    res = _run_app("sample", *user, f"checkpoint={run}/model.pt", "sample.prior=normal",
+    res = _run_app("sample", f"checkpoint={run}/model.pt", "sample.prior=normal",
                    f"hydra.run.dir={tmp_path}/sample", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert torch.load(tmp_path / "sample" / "samples" / "samples.pt")["image"].shape == (4, 3, 16, 16)

@@ -91,13 +91,13 @@ def test_user_dataset_and_networks_train_evaluate_and_sample_through_the_apps(tm
     assert type(vae.modalities["label"].decoder.net) is toy_networks.ConstantLogits
     assert cfg.dataset.spec._target_ == "toy_dataset.make_spec"
 
-    res = run_app("evaluate", *TOY, f"checkpoint={tmp_path}/train/model.pt", f"hydra.run.dir={tmp_path}/eval",
-                  cwd=tmp_path)
+    # evaluate and sample find the user's data set and networks from the config stored with the model
+    res = run_app("evaluate", f"checkpoint={tmp_path}/train/model.pt", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["conditional"]["vector"]["label_coherence"] == pytest.approx(expected, abs=1e-12)
 
-    res = run_app("sample", *TOY, f"checkpoint={tmp_path}/train/model.pt", "sample.prior=normal",
+    res = run_app("sample", f"checkpoint={tmp_path}/train/model.pt", "sample.prior=normal",
                   f"hydra.run.dir={tmp_path}/sample", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     samples = torch.load(tmp_path / "sample" / "samples" / "samples.pt")

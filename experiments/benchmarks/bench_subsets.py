@@ -5,7 +5,7 @@ r"""Training-step time against the number of modalities M, for ``subset_strategy
 :func:`pyro_diffmvae.builders.build_model` from the hydra config ``experiment=polymnist_mopoe_cpu``
 (``--decoders feedforward``, default: conv encoders, Laplace conv decoders) or
 ``experiment=polymnist_diffmvae_star_cpu`` (``--decoders diffusion``: a UNet diffusion decoder per
-modality), with ``dataset.modalities`` cut to the first M and ``model.subset_strategy`` set; MoPoE
+modality), with ``dataset.modalities`` cut to the first M and ``fusion.subset_strategy`` set; MoPoE
 over all :math:`K = 2^M - 1` non-empty subsets. No data is read (the batch is synthetic: every
 modality observed, images uniform in [-1, 1]).
 
@@ -52,7 +52,7 @@ def compose_cfg(args, M: int, strategy: str):
     mods = "[" + ",".join(names) + "]"
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
         return compose("config", overrides=[f"experiment={PRESETS[args.decoders]}", f"dataset.modalities={mods}",
-                                            f"dataset.diffusion_modalities={mods}", f"model.subset_strategy={strategy}",
+                                            f"dataset.diffusion_modalities={mods}", f"fusion.subset_strategy={strategy}",
                                             *args.override])
 
 

@@ -111,7 +111,13 @@ class SaveOnInterrupt(L.Callback):
         rank_zero_info(f"{self.signal_name}: saved a resumable checkpoint at global step {trainer.global_step} to {path}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._stop_requested(trainer):
+        """A stop requested during a step lets the step finish as Lightning runs it (its log rows and a
+        validation due after it); Lightning then raises at the end of the step and :meth:`on_exception`
+        saves. At the last batch of an epoch the checkpoint is saved here, before that epoch's end
+        (after it, the resume is not exact): the step's log rows are written first, but a validation
+        due after that step is not run, then or on resume."""
+        if self._stop_requested(trainer) and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            _log_this_step(trainer)
             self._save(trainer)
             raise SIGTERMException()
 
@@ -130,6 +136,16 @@ class SaveOnInterrupt(L.Callback):
                 self._save(trainer)
         elif isinstance(exception, KeyboardInterrupt):
             rank_zero_info("aborted without saving a checkpoint (the last one written stays as it was)")
+
+
+def _log_this_step(trainer) -> None:
+    """Hand this step's logged metrics to the loggers now, as Lightning does right after
+    ``on_train_batch_end``: raising there skips it, and the resumed run does not repeat the step, so
+    its row of ``metrics.csv`` was lost. (Lightning's logger connector has no public call for it.)"""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None and hasattr(connector, "update_train_step_metrics"):
+        connector.on_batch_end()
+        connector.update_train_step_metrics()
 
 
 def run_checkpoints(dirpath: str | os.PathLike) -> "L.pytorch.callbacks.ModelCheckpoint":

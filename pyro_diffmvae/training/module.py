@@ -187,6 +187,24 @@ class DiffMVAEModule(L.LightningModule):
             rank_zero_info(f"checkpoint holds RNG states of {len(states)} process(es), this run has {world}: "
                            "the RNGs keep their seed + rank seeding")
 
+    def on_train_start(self) -> None:
+        """Set the configured ``lr`` and ``weight_decay`` on the optimizer's param groups.
+
+        A no-op for a fresh run; on resume Lightning has restored the optimizer with the checkpoint's
+        values, and a ``trainer.lr`` given to the resume would otherwise be recorded but not used."""
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+                group["weight_decay"] = self.weight_decay
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Keep the loggers' step equal to the optimizer steps taken (a no-op in an uninterrupted run).
+
+        Lightning's restart heuristic counts a checkpoint saved in ``on_train_batch_end``
+        (:class:`~pyro_diffmvae.training.checkpointing.SaveOnInterrupt`) once too often: every row of
+        ``metrics.csv`` after such a resume was labelled one step late."""
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
     # -------------------------------------------------------------------------------- EMA
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
