@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared device check: one script for a machine with one GPU, at most 8 minutes, run from the
-# repository root with the package installed (pip install -e .). Each part has its own time limit and
+# The prepared device check: one script for a machine with one GPU, at most 8 minutes (its parts' limits
+# add up to 440 s), run from the repository root with the package installed (pip install -e .), e.g. with
+# the device tool: `pip install -e . -q && bash experiments/device_check.sh`. Each part has its own time limit and
 # prints what it measured as it goes, so a run cut short still reports; a part that fails says why and
 # the next one runs. Results go to experiments/results/*_gpu.md (and $OUT, when set, for the device tool):
 #
@@ -46,7 +47,7 @@ echo "device check ($SUFFIX) on $(hostname), $(date -u +%FT%TZ), commit $(git re
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| available', torch.cuda.is_available())"
 
-part "1. training throughput" 150 $PY experiments/benchmarks/bench_throughput.py --device $DEVICE \
+part "1. training throughput" 140 $PY experiments/benchmarks/bench_throughput.py --device $DEVICE \
     --image-sizes $SIZES --variants $VARIANTS --batch $BATCH --steps $STEPS \
     --warmup $(( WARMUP > 2 ? WARMUP : 2 )) --out $RESULTS/bench_throughput_$SUFFIX.md
 
@@ -60,14 +61,14 @@ paper_scale() {  # the paper-scale presets' networks at their image size, bf16 +
     done
 }
 export -f paper_scale; export PY DEVICE PAPER_SIZE BATCH STEPS WARMUP RESULTS SUFFIX
-part "2. paper-scale presets" 120 bash -c paper_scale
+part "2. paper-scale presets" 100 bash -c paper_scale
 
 part "3. samplers" 60 $PY experiments/benchmarks/bench_samplers.py --device $DEVICE --batch $BATCH $SAMPLER_ARGS \
     --out $RESULTS/bench_samplers_$SUFFIX.md
 
 RUN=$RESULTS/device_run_$SUFFIX
 rm -rf "$RUN.tmp"
-part "4. a short real training run" 150 $PY -c "import sys; from pyro_diffmvae.cli import train_main; sys.argv[0] = 'diffmvae-train'; train_main()" \
+part "4. a short real training run" 140 $PY -c "import sys; from pyro_diffmvae.cli import train_main; sys.argv[0] = 'diffmvae-train'; train_main()" \
     trainer=gpu trainer.accelerator=$([ "$QUICK" = 1 ] && echo cpu || echo gpu) \
     trainer.precision=$([ "$QUICK" = 1 ] && echo 32-true || echo bf16-mixed) \
     trainer.max_steps=$RUN_STEPS trainer.progress_bar=false latent_prior.steps=$([ "$QUICK" = 1 ] && echo 5 || echo 1500) \

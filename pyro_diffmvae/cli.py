@@ -363,7 +363,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     ckpt = run_checkpoints(out / "checkpoints")
     interrupt = SaveOnInterrupt(out / "checkpoints")
     trainer = make_trainer(
-        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, gradient_clip_val=t.gradient_clip_val,
+        max_steps=t.max_steps, max_time=t.get("max_time", None), accelerator=t.accelerator, devices=t.devices, gradient_clip_val=t.gradient_clip_val,
         precision=t.precision, default_root_dir=str(out), log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, strategy=t.strategy, num_nodes=t.num_nodes,
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
@@ -415,7 +415,10 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     save_model(vae, config, out / "model.pt")
     save_loss_curves(out / "logs" / "metrics.csv", out / "loss_curves.png")
 
-    metrics = {"training": {"objective": objective_name(cfg), "steps": int(trainer.global_step),
+    steps = int(trainer.global_step)
+    metrics = {"training": {"objective": objective_name(cfg), "steps": steps, "max_steps": int(t.max_steps),
+                            "max_time": t.get("max_time", None),
+                            "stopped_by": "max_steps" if steps >= t.max_steps else "max_time",
                             "train_seconds": round(train_seconds, 1), "latent_prior_seconds": round(prior_seconds, 1)}}
     if module.skipped_nonfinite:
         metrics["training"]["skipped_nonfinite"] = int(module.skipped_nonfinite)

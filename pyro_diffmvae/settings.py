@@ -77,6 +77,16 @@ def _bootstrap(value) -> str | None:
     return None if _int(value) and (value == 0 or value >= 2) else "0 (no bootstrap) or an integer >= 2"
 
 
+def _optional_duration(value) -> str | None:
+    """Lightning's ``max_time``: ``"DD:HH:MM:SS"`` with a positive total."""
+    if value is None:
+        return None
+    parts = str(value).split(":") if isinstance(value, str) else []
+    if len(parts) == 4 and all(p.isdigit() for p in parts) and any(int(p) for p in parts):
+        return None
+    return 'null or a positive duration "DD:HH:MM:SS" (e.g. "00:00:10:00" for ten minutes)'
+
+
 def _one_of(*choices: str) -> Callable[[object], str | None]:
     def check(value) -> str | None:
         return None if value in choices else f"one of {list(choices)}"
@@ -100,6 +110,7 @@ def _protocol(value) -> str | None:
 RULES: dict[str, Callable[[object], str | None]] = {
     # training
     "trainer.max_steps": _positive_int,
+    "trainer.max_time": _optional_duration,
     "trainer.batch_size": _positive_int,
     "trainer.lr": _positive_real,
     "trainer.weight_decay": _non_negative_real,

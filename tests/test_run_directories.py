@@ -62,6 +62,8 @@ def test_every_preset_passes_the_settings_check(experiment):
     ("evaluation.loglik_examples=-1", "evaluation.loglik_examples=-1: must be an integer >= 0"),
     ("model.diffusion.sampler_steps=0", "model.diffusion.sampler_steps=0: must be a positive integer"),
     ("model.latent_dim=0", "model.latent_dim=0: must be a positive integer"),
+    ("trainer.max_time=600", 'trainer.max_time=600: must be null or a positive duration "DD:HH:MM:SS"'),
+    ("trainer.max_time=00:00:00:00", "trainer.max_time='00:00:00:00': must be null or a positive duration"),
     ("+trainer.max_stepz=3", "trainer.max_stepz: unknown setting (did you mean trainer.max_steps?)"),
     ("+evaluation.num_exampels=3", "evaluation.num_exampels: unknown setting (did you mean evaluation.num_examples?)"),
     ("+sede=3", "sede: unknown setting (did you mean seed?)"),
@@ -166,6 +168,20 @@ def test_refused_and_empty_runs_write_nothing(tmp_path):
                   f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert res.returncode == 2 and "cannot change 'model'" in res.stderr
     assert snapshot(run) == before
+
+
+def test_max_time_ends_training_first_and_the_metrics_say_so(tmp_path):
+    """Catches: ``trainer.max_time`` not passed to Lightning (the run trains all 100,000 steps, or
+    the test times out), and a run stopped by time reported as if it had reached max_steps."""
+    import json
+
+    res = run_app("train", "experiment=tiny", "trainer.max_steps=100000", "trainer.max_time=00:00:00:03",
+                  "evaluation.enabled=false", "latent_prior.fit=false", f"dataset.cache_dir={tmp_path}/cache",
+                  f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    training = json.loads((tmp_path / "run" / "metrics.json").read_text())["training"]
+    assert 0 < training["steps"] < 100000 and training["stopped_by"] == "max_time"
+    assert training["max_time"] == "00:00:00:03" and training["train_seconds"] < 60
 
 
 # ----------------------------------------------------------------- the resumed learning rate
