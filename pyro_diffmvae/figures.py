@@ -12,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["to_display", "figure_captions", "save_conditional_figure", "save_unconditional_figure", "save_loss_curves"]
+__all__ = ["to_display", "figure_captions", "save_conditional_figure", "save_unconditional_figure", "save_loss_curves",
+           "loss_curve_panels"]
 
 
 def to_display(name: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -86,28 +87,48 @@ def save_unconditional_figure(samples: Mapping[str, Mapping[str, torch.Tensor]],
     _grid([(label[k], v) for k, v in samples.items()], names, n, path, "Unconditional generation", captions)
 
 
-def save_loss_curves(metrics_csv: Path, path: Path) -> bool:
-    """Plot every logged train/val series of Lightning's CSVLogger file; False if there is none."""
+def loss_curve_panels(metrics_csv: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The series of Lightning's CSVLogger file grouped for plotting: ``{term: {split: [(step, value)]}}``.
+
+    A column ``"<split>/<term>"`` (``train/loss``, ``val/loss``, ``train/loglik/image``, ...) goes to panel
+    ``term`` as series ``split``, so training and validation of one term share a panel; a column
+    without ``/`` is its own panel (split ``""``). A step logged twice keeps its last value."""
+    panels: dict[str, dict[str, dict[int, float]]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for column, value in row.items():
+                if column in ("step", "epoch") or value in ("", None):
+                    continue
+                split, _, term = column.partition("/") if "/" in column else ("", "", column)
+                panels.setdefault(term, {}).setdefault(split, {})[step] = float(value)
+    return {term: {split: sorted(points.items()) for split, points in sorted(series.items())}
+            for term, series in sorted(panels.items(), key=lambda item: (item[0] != "loss", item[0]))}
+
+
+def save_loss_curves(metrics_csv: Path, path: Path, columns: int = 4) -> bool:
+    """Plot :func:`loss_curve_panels` as a grid (``columns`` panels a row, the loss first), training
+    and validation of each term on the same axes; False if the file has no series."""
     if not metrics_csv.exists():
         return False
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(metrics_csv) as f:
-        for row in csv.DictReader(f):
-            step = int(row.get("step") or 0)
-            for k, v in row.items():
-                if k in ("step", "epoch") or v in ("", None):
-                    continue
-                series.setdefault(k, []).append((step, float(v)))
-    if not series:
+    panels = loss_curve_panels(metrics_csv)
+    if not panels:
         return False
-    keys = sorted(series)
-    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.4), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        steps, vals = zip(*series[k])
-        ax.plot(steps, vals, lw=1)
-        ax.set_title(k, fontsize=7)
-        ax.tick_params(labelsize=6)
+    ncols = min(columns, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, (term, series) in zip(axes.flat, panels.items()):
+        for split, points in series.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, lw=1, marker="o" if len(points) < 30 else None, ms=2, label=split or term)
+        ax.set_title(term, fontsize=9)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=7)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -1,0 +1,40 @@
+"""The loss curves a person looks at: one panel per term, training and validation on the same axes,
+a grid rather than one row (issue 16: 12 panels in one 3,744 x 288 row were unreadable)."""
+
+from PIL import Image
+
+from pyro_diffmvae.figures import loss_curve_panels, save_loss_curves
+
+CSV = """epoch,step,train/loss,train/loglik/image,val/loss,val/loglik/image,train/kl,lr
+0,0,5.0,-3.0,,,1.0,
+0,1,4.0,,,,,
+0,1,,,4.5,-2.5,,
+0,2,3.0,-2.0,,,0.5,0.01
+0,2,2.5,,,,,
+"""
+
+
+def test_panels_pair_train_and_validation_of_each_term_and_keep_a_steps_last_value(tmp_path):
+    """Catches: train/ and val/ of a term on separate panels, a nested term (loglik/image) split at
+    its last slash instead of its first, a repeated step plotted twice, the loss not first."""
+    path = tmp_path / "metrics.csv"
+    path.write_text(CSV)
+    assert list(loss_curve_panels(path))[0] == "loss"
+    assert loss_curve_panels(path) == {
+        "loss": {"train": [(0, 5.0), (1, 4.0), (2, 2.5)], "val": [(1, 4.5)]},
+        "kl": {"train": [(0, 1.0), (2, 0.5)]},
+        "loglik/image": {"train": [(0, -3.0), (2, -2.0)], "val": [(1, -2.5)]},
+        "lr": {"": [(2, 0.01)]},
+    }
+
+
+def test_the_figure_is_a_grid_of_at_most_four_panels_a_row(tmp_path):
+    """Catches: every panel in one row (the figure's width grows with the number of terms)."""
+    header = ["epoch", "step"] + [f"{split}/term{k}" for k in range(10) for split in ("train", "val")]
+    rows = [",".join(["0", str(s)] + [str(s * 0.1 + k)] * 20) for s, k in zip(range(3), range(3))]
+    path = tmp_path / "metrics.csv"
+    path.write_text(",".join(header) + "\n" + "\n".join(rows) + "\n")
+    assert save_loss_curves(path, tmp_path / "curves.png")
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert (width, height) == (round(3.4 * 4 * 110), round(2.6 * 3 * 110))  # 10 panels: 4 columns, 3 rows
+    assert not save_loss_curves(tmp_path / "missing.csv", tmp_path / "none.png")
