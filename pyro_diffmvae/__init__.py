@@ -12,12 +12,23 @@ from .modality import DiffusionDecoder, FeedForwardDecoder, Modality
 from .model import MultimodalVAE
 from .objectives import ELBO, OBJECTIVES, Objective, elbo_terms, make_objective
 from .nets.unet import ConditionalUNet
+from .pretrained import from_pretrained, save_pretrained
 from .prior import LatentMLP, LatentScorePrior, LatentUNet, collect_latents
 from .samplers import SAMPLERS, sample, sample_ddim, sample_probability_flow, sample_reverse_sde
 from .sde import VPSDE
 from .weighting import WEIGHTINGS, get_weighting, likelihood_weighting, simple_weighting, unit_weighting
 
-__version__ = "0.1.0"
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyro-diffmvae")
+    except PackageNotFoundError:  # a source tree on sys.path that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 #: names whose modules import Lightning (about 8 s on a 2-core CPU, through torchmetrics and
 #: torchvision): loaded on first use, so that ``import pyro_diffmvae`` (the apps' start, a notebook)
@@ -69,6 +80,8 @@ __all__ = [
     "LatentMLP",
     "LatentUNet",
     "collect_latents",
+    "save_pretrained",
+    "from_pretrained",
     "DiffMVAEModule",
     "make_trainer",
     "fit_svi",

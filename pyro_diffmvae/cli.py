@@ -5,8 +5,10 @@ Every output goes to the hydra run directory (``outputs/<date>/<time>`` by defau
 exception: resuming a run, below).
 
 * ``diffmvae-train [overrides]``: trains the VAE (Lightning: progress bar, ``checkpoints/last.ckpt``
-  and ``checkpoints/best.ckpt``), fits the latent score prior, saves ``model.pt`` (config + weights),
-  then evaluates: ``metrics.json``, ``report.md``, ``figures/*.png``.
+  and ``checkpoints/best.ckpt``), fits the latent score prior, saves ``model.pt`` (config + weights)
+  and the same model as a portable folder ``pretrained/`` (safetensors + JSON,
+  :mod:`pyro_diffmvae.pretrained`), then evaluates: ``metrics.json``, ``report.md``, ``figures/*.png``.
+  ``checkpoint=`` of the other two apps takes any of ``model.pt``, a Lightning ``.ckpt`` or ``pretrained/``.
 * ``diffmvae-evaluate checkpoint=<run>/model.pt [evaluation.*=...]``: the evaluation of a saved model
   with the run's own evaluation settings and this call's ``evaluation.*`` overrides (and ``seed``,
   ``dataset.root``, ``dataset.cache_dir``); any other override (``model.*``, ``experiment=...``) is
@@ -105,7 +107,7 @@ from .io import atomic_torch_save, load_state_dict_strict, read_checkpoint
 __all__ = ["train_main", "evaluate_main", "sample_main", "run_train", "run_evaluate", "run_sample", "load_run",
            "resume_paths", "resume_config", "TrainingInterrupted"]
 
-RESULT_NAMES = ("model.pt", "metrics.json", "report.md", "checkpoints", "figures", "samples")
+RESULT_NAMES = ("model.pt", "pretrained", "metrics.json", "report.md", "checkpoints", "figures", "samples")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -293,8 +295,12 @@ def _saved_run_setup(app: str):
 
 
 def _stored_config(checkpoint) -> DictConfig:
-    """The config stored in a ``model.pt`` or a Lightning checkpoint of diffmvae-train."""
+    """The config stored in a ``model.pt``, a Lightning checkpoint of diffmvae-train or a pretrained folder."""
+    from .pretrained import read_config
+
     path = Path(checkpoint)
+    if path.is_dir():
+        return read_config(path)
     state = read_checkpoint(path)  # weights_only: opening a file never runs code
     for key in ("config", "diffmvae_config"):
         if isinstance(state.get(key), dict):
@@ -322,6 +328,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     from .builders import build_datasets, build_latent_prior, build_model, build_objective, objective_name
     from .evaluation import evaluate, save_metrics, write_report
     from .figures import save_loss_curves
+    from .pretrained import save_pretrained
     from .prior import collect_latents
     from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer, run_checkpoints
     from .training.run_log import FlushLogOnCheckpoint, RunCSVLogger
@@ -413,6 +420,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         prior_seconds = time.time() - start
     # the latent prior is a submodule of the VAE once attached, so one state dict holds both
     save_model(vae, config, out / "model.pt")
+    save_pretrained(vae, out / "pretrained", config)  # the same model as a portable folder (safetensors + JSON)
     save_loss_curves(out / "logs" / "metrics.csv", out / "loss_curves.png")
 
     steps = int(trainer.global_step)
@@ -441,10 +449,17 @@ def save_model(vae, config: dict, path: str | os.PathLike) -> None:
 
 
 def load_run(checkpoint: str | os.PathLike):
-    """Rebuild ``(vae, config)`` from a ``model.pt`` written by ``diffmvae-train`` or a Lightning checkpoint."""
+    """Rebuild ``(vae, config)`` from a ``model.pt`` written by ``diffmvae-train``, a Lightning checkpoint
+    of it, or a folder written by :func:`~pyro_diffmvae.pretrained.save_pretrained` (``<run>/pretrained``)."""
     from .builders import build_latent_prior, build_model
+    from .pretrained import from_pretrained, is_pretrained_folder
 
     path = Path(checkpoint)
+    if path.is_dir():
+        if not is_pretrained_folder(path):
+            raise ValueError(f"{path} is a folder but not a pretrained model folder (config.json and "
+                             "model.safetensors, written by save_pretrained / diffmvae-train's <run>/pretrained)")
+        return from_pretrained(path)
     state = read_checkpoint(path)  # weights_only: opening a file never runs code
     if isinstance(state.get("config"), dict) and isinstance(state.get("vae"), dict):  # model.pt
         cfg, weights = OmegaConf.create(state["config"]), state["vae"]

@@ -58,7 +58,8 @@ def test_train_evaluate_sample_end_to_end(tmp_path):
     res = run_app("train", "experiment=tiny", f"hydra.run.dir={tmp_path}/train", *common, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "train"
-    for name in ["model.pt", "metrics.json", "report.md", "loss_curves.png", "checkpoints/last.ckpt",
+    for name in ["model.pt", "pretrained/model.safetensors", "pretrained/config.json", "metrics.json", "report.md",
+                 "loss_curves.png", "checkpoints/last.ckpt",
                  "checkpoints/best.ckpt", "figures/conditional.png", "figures/unconditional.png"]:
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
@@ -77,6 +78,12 @@ def test_train_evaluate_sample_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     samples = torch.load(tmp_path / "sample" / "samples" / "samples.pt")
     assert samples["image"].shape == (4, 3, 16, 16) and samples["image"].abs().max() <= 1.0
+    # the portable folder the run wrote (safetensors + JSON) gives the same samples as model.pt
+    for name, checkpoint in [("from_pt", run / "model.pt"), ("from_folder", run / "pretrained")]:
+        res = run_app("sample", f"checkpoint={checkpoint}", f"hydra.run.dir={tmp_path}/{name}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    from_pt, from_folder = (torch.load(tmp_path / n / "samples" / "samples.pt") for n in ("from_pt", "from_folder"))
+    assert all(torch.equal(from_pt[k], from_folder[k]) for k in from_pt) and from_pt["image"].shape[0] == 4
     # the same run directory is never overwritten
     res = run_app("train", "experiment=tiny", f"hydra.run.dir={run}", *common, cwd=tmp_path)
     assert res.returncode != 0 and "already holds results" in res.stderr
