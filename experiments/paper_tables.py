@@ -12,9 +12,18 @@ published PolyMNIST coherences beside ours)::
 
     python experiments/paper_tables.py zoo --dataset polymnist --seeds 0 --max-steps 600 --out experiments/runs
 
-Build the tables from whatever runs exist::
+Build the tables from whatever runs exist, this script's or a hydra multirun sweep's::
 
     python experiments/paper_tables.py tables --out experiments/runs --results experiments/results
+    diffmvae-train -m experiment=polymnist_mopoe_cpu,polymnist_mvtcae_cpu seed=0,1 trainer.max_steps=600 \
+        hydra.sweep.dir=experiments/sweeps/zoo            # each job in experiments/sweeps/zoo/<job>
+    python experiments/paper_tables.py tables --out experiments/sweeps/zoo
+    python experiments/paper_tables.py zoo-table --dataset polymnist --out experiments/sweeps/zoo
+
+Why ``run`` and ``zoo`` keep their own runner beside multirun: they skip a finished run that ran with
+the same overrides (rerun the same command after a crash or a session's end and only the missing
+runs train), and they refuse one whose overrides differ; ``diffmvae-train -m`` trains every job again
+and numbers the directories by job.
 
 Tables (one Markdown and one CSV file each, rows = presets):
 
@@ -95,11 +104,34 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def collect(out: Path) -> dict[str, list[dict]]:
-    """``{preset: [metrics of each seed]}`` from ``<out>/<preset>/seed*/metrics.json``."""
+    """``{preset: [metrics of each seed]}`` from ``<out>/<preset>/seed*/metrics.json`` (this script's
+    runs) and from ``<out>/<job>/metrics.json`` (a hydra multirun sweep, ``diffmvae-train -m``), whose
+    rows are named by :func:`sweep_label`."""
     found: dict[str, list[dict]] = {}
     for path in sorted(out.glob("*/seed*/metrics.json")):
         found.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+    for path in sorted(out.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        overrides = path.parent / ".hydra" / "overrides.yaml"
+        if overrides.is_file():
+            found.setdefault(sweep_label(_read_overrides(overrides)), []).append(json.loads(path.read_text()))
     return found
+
+
+def _read_overrides(path: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def sweep_label(overrides: Sequence[str]) -> str:
+    """A sweep job's row: its ``experiment`` (the preset, as this script's rows are named), then every
+    other config-group choice (``model=mopoe``, ...); ``seed`` and dotted settings are left out, so
+    the seeds of one setting share a row (a sweep over a dotted setting: give each value its own
+    ``--out``)."""
+    choices = dict(o.split("=", 1) for o in overrides if "=" in o and not o.startswith(("+", "~")))
+    label = [choices.pop("experiment", "default")]
+    label += [f"{k}={v}" for k, v in choices.items() if k != "seed" and "." not in k]
+    return " ".join(label)
 
 
 Column = tuple[str, Callable[[Mapping], float | str | None]]
@@ -402,9 +434,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     zoo.add_argument("--out", type=Path, default=Path("experiments/runs"))
     zoo.add_argument("--results", type=Path, default=Path("experiments/results"))
     zoo.add_argument("overrides", nargs="*", help="extra hydra overrides (after --)")
-    tables = sub.add_parser("tables", help="build the tables from existing runs")
+    tables = sub.add_parser("tables", help="build the tables from existing runs (or a multirun sweep directory)")
     tables.add_argument("--out", type=Path, default=Path("experiments/runs"))
     tables.add_argument("--results", type=Path, default=Path("experiments/results"))
+    zoo_table = sub.add_parser("zoo-table", help="build zoo_<dataset> from existing runs (or a multirun sweep)")
+    zoo_table.add_argument("--dataset", default="polymnist")
+    zoo_table.add_argument("--models", nargs="+", default=list(ZOO_MODELS))
+    zoo_table.add_argument("--out", type=Path, default=Path("experiments/runs"))
+    zoo_table.add_argument("--results", type=Path, default=Path("experiments/results"))
     args = parser.parse_args(argv)
     written = []
     if args.command == "run":
@@ -414,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"--max-steps must be positive, got {args.max_steps}")
         budget = [] if args.max_steps is None else [f"trainer.max_steps={args.max_steps}"]
         run_presets(zoo_presets(args.dataset, args.models), args.seeds, args.out, budget + list(args.overrides))
+        written += write_zoo_table(args.out, args.results, args.dataset, args.models)
+    if args.command == "zoo-table":
         written += write_zoo_table(args.out, args.results, args.dataset, args.models)
     for path in written + write_tables(args.out, args.results):
         print(f"[paper_tables] wrote {path}")

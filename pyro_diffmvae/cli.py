@@ -331,7 +331,8 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     from .pretrained import save_pretrained
     from .prior import collect_latents
     from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer, run_checkpoints
-    from .training.run_log import FlushLogOnCheckpoint, RunCSVLogger
+    from .training.loggers import build_loggers, log_run_files
+    from .training.run_log import FlushLogOnCheckpoint
 
     t = cfg.trainer
     resume_ckpt, resume_step = None, None
@@ -355,6 +356,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         raise ValueError(f"trainer.batch_size={t.batch_size} is larger than the training set ({len(train_set)} "
                          "examples per process): there is no training batch; lower trainer.batch_size")
     val_loader = DataLoader(val_set, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
+    loggers = build_loggers(cfg, out, resume_step)  # the CSV log, and cfg.logger's beside it
     objective = build_objective(cfg)  # the one objective: training, validation, checkpoint selection, logging
     module = DiffMVAEModule(vae, lr=t.lr, weight_decay=t.weight_decay, log_parts_every=t.log_parts_every,
                             ema_decay=t.ema_decay, seed=cfg.seed, nonfinite=t.nonfinite, max_nonfinite=t.max_nonfinite,
@@ -375,7 +377,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         enable_progress_bar=t.progress_bar, strategy=t.strategy, num_nodes=t.num_nodes,
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
         callbacks=[ckpt, StoreConfig(), interrupt, FlushLogOnCheckpoint()],
-        logger=RunCSVLogger(out, resume_step=resume_step),
+        logger=loggers,
         val_check_interval=min(t.val_every_n_steps, len(train_loader)), check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, use_distributed_sampler=False,
     )
@@ -437,6 +439,11 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         metrics["training"]["evaluation_seconds"] = round(time.time() - start, 1)
     save_metrics(metrics, out / "metrics.json")
     write_report(metrics, out / "report.md", title=f"{cfg.model.name} on {cfg.dataset.name} (weighting {cfg.weighting.name}, fusion {cfg.fusion.name})")
+    if len(loggers) > 1:  # the report and the figures to the extra logger, as it keeps files
+        logged = log_run_files(loggers[1:], out / "report.md", [out / "loss_curves.png", *sorted((out / "figures").glob("*.png"))])
+        print(f"logged {len(logged)} files to logger={cfg.logger.kind}")
+        for logger in loggers[1:]:
+            logger.finalize("success")
     print(f"outputs in {out}")
     return metrics
 

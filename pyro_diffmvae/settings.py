@@ -179,7 +179,7 @@ def known_keys() -> dict[str, frozenset[str]]:
     trainer = set(OmegaConf.load(CONFIGS / "trainer" / "cpu.yaml"))
     for extra in ("gpu.yaml", "ddp.yaml"):
         trainer |= {k for k in OmegaConf.load(CONFIGS / "trainer" / extra) if k != "defaults"}
-    top = {k for k in main if k not in ("defaults", "hydra")} | {"dataset", "model", "weighting", "fusion", "trainer"}
+    top = {k for k in main if k not in ("defaults", "hydra")} | {"dataset", "model", "weighting", "fusion", "trainer", "logger"}
     return {"": frozenset(top), "trainer": frozenset(trainer),
             **{s: frozenset(main[s]) for s in ("latent_prior", "evaluation", "sample")}}
 

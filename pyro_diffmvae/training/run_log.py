@@ -81,5 +81,6 @@ class FlushLogOnCheckpoint(L.Callback):
     """Write the logger's buffered rows to ``metrics.csv`` whenever a checkpoint is saved."""
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if trainer.is_global_zero and trainer.logger is not None:
-            trainer.logger.save()
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()
