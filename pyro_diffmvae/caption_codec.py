@@ -80,7 +80,8 @@ class OptimusCaptionCodec:
     (:func:`encode_captions_for_optimus`). One vector per caption keeps a batch a plain tensor
     ``(B, 4 L)``, as the multimodal model expects of every modality.
 
-    :param bert_tokenizer, gpt2_tokenizer: ``transformers`` tokenisers (:func:`load_optimus_tokenizers`).
+    :param bert_tokenizer: ``transformers`` tokenisers (:func:`load_optimus_tokenizers`).
+    :param gpt2_tokenizer: see ``bert_tokenizer`` above.
     :param length: ``L``.
     """
 

@@ -133,7 +133,8 @@ def moe_sample(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Pick one available unimodal expert per example uniformly (a draw of the MoE's component).
 
-    :param mu, logvar: ``(B, M, D)``; ``mask``: ``(B, M)`` availability.
+    :param mu: ``(B, M, D)``; ``mask``: ``(B, M)`` availability.
+    :param logvar: see ``mu`` above.
     :returns: ``(mu_k, logvar_k, k)`` with ``k`` the chosen expert index per example; ``mu_k`` and
         ``logvar_k`` in at least float32, as in :func:`poe`.
     """

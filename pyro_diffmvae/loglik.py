@@ -112,7 +112,8 @@ class LogLikelihood:
     :ivar is_lower_bound: whether ``E[value]`` is below the true value.
     :ivar converges: whether ``value`` tends to the true value as ``num_samples`` → ∞.
     :ivar estimator: what was computed, in words.
-    :ivar given, targets: the conditioning and the scored modalities.
+    :ivar given: the conditioning and the scored modalities.
+    :ivar targets: see ``given`` above.
     """
 
     value: torch.Tensor
@@ -165,8 +166,11 @@ def log_likelihood(
         ODE) for diffusion decoders.
     :param prior: ``"normal"`` (N(0, I)) or ``"score"`` (``vae.latent_prior`` by the ODE).
     :param num_draws: (t, ε) draws of the bound per particle.
-    :param divergence, num_probes, rtol, atol: the ODE's
+    :param divergence: the ODE's
         (:func:`~pyro_diffmvae.metrics.ode_likelihood.ode_log_likelihood`).
+    :param num_probes: see ``divergence`` above.
+    :param rtol: see ``divergence`` above.
+    :param atol: see ``divergence`` above.
     :param chunk_size: particles per pass (default: all K at once).
     """
     if isinstance(vae, TwoStageVAE):

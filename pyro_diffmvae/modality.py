@@ -132,10 +132,15 @@ class DiffusionDecoder(nn.Module):
     :param eps_net: ε-predictor ``eps_net(x_t, z, t)``, e.g. a
         :class:`~pyro_diffmvae.nets.unet.ConditionalUNet` with ``z_dim`` = latent size.
     :param event_shape: e.g. ``(3, 32, 32)``.
-    :param weighting, num_draws, time_sampling, include_constants, control_variate: passed to
+    :param weighting: passed to
         :class:`ScoreMatchingLikelihood` (``"likelihood"`` for Diff-MVAE, ``"simple"`` for Diff-MVAE*).
-    :param sampler, sampler_steps: the default reverse-time sampler for generation
+    :param num_draws: see ``weighting`` above.
+    :param time_sampling: see ``weighting`` above.
+    :param include_constants: see ``weighting`` above.
+    :param control_variate: see ``weighting`` above.
+    :param sampler: the default reverse-time sampler for generation
         (``"sde"`` with 1000 steps in the paper's Diff-MVAE, ``"ddim"`` with 50 in Diff-MVAE*).
+    :param sampler_steps: see ``sampler`` above.
     :param prediction: what ``eps_net`` predicts: ``"eps"`` (default), ``"x0"`` or ``"v"``. Any
         other than ``"eps"`` is wrapped in :class:`~pyro_diffmvae.nets.parameterization.EpsFromPrediction`,
         so ``self.eps_net`` is always an ε-predictor and the objective (and bound) is unchanged.

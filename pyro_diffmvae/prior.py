@@ -84,7 +84,8 @@ class LatentScorePrior(nn.Module):
     :param latent_dim: D.
     :param eps_net: an ε-predictor ``eps_net(z_t, None, t)``; default :class:`LatentMLP`.
     :param sde: the VP-SDE (default ``VPSDE()``).
-    :param sampler, sampler_steps: defaults for :meth:`sample`.
+    :param sampler: defaults for :meth:`sample`.
+    :param sampler_steps: see ``sampler`` above.
     :param fitted: whether the ε-network is ready to sample (:attr:`fitted`); ``None``: true when an
         ``eps_net`` is given (a closed form or a trained network), false for the default, freshly
         initialised :class:`LatentMLP`. :meth:`fit` and loading a state dict set it; :meth:`sample`

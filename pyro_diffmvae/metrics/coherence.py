@@ -186,7 +186,8 @@ def train_factor_classifier(
 
     :param images: ``(N, C, H, W)`` float images in [-1, 1].
     :param factors: ``(N, F)`` integer labels, factor ``f`` in ``[0, factor_sizes[f])``.
-    :param val_images, val_factors: optional held-out data for the returned accuracy.
+    :param val_images: optional held-out data for the returned accuracy.
+    :param val_factors: see ``val_images`` above.
     :param epochs: passes over the data (ignored when ``steps`` is given).
     :param steps: number of minibatch updates (overrides ``epochs``).
     :param seed: seeds the initialisation and the minibatch order (the global RNG is left untouched).

@@ -112,7 +112,9 @@ def ode_log_likelihood(
     :param z: ``(N, D)`` conditioning latents, or ``None`` for an unconditional model.
     :param divergence: ``"exact"``, ``"hutchinson"`` or ``"auto"``.
     :param num_probes: Rademacher probes per example (Hutchinson).
-    :param rtol, atol, method: passed to :func:`scipy.integrate.solve_ivp`.
+    :param rtol: passed to :func:`scipy.integrate.solve_ivp`.
+    :param atol: see ``rtol`` above.
+    :param method: see ``rtol`` above.
     :param generator: for the probes.
     :param probes: Hutchinson's Rademacher probes ``(P, N, *event_shape)`` to use instead of fresh
         ones (e.g. the same probes for several latents of one example; ignored for the exact trace);

@@ -53,7 +53,9 @@ class DiffMVAEModule(L.LightningModule):
     """Lightning module that trains a :class:`MultimodalVAE` with an :class:`~pyro_diffmvae.objectives.Objective`.
 
     :param vae: the model.
-    :param lr, weight_decay, betas: Adam settings.
+    :param lr: Adam settings.
+    :param weight_decay: see ``lr`` above.
+    :param betas: see ``lr`` above.
     :param num_particles: particles of the default objective, ``ELBO(num_particles)`` (ignored when
         ``objective`` is given).
     :param latent_prior: an optional :class:`LatentScorePrior` trained *alongside* the VAE on
