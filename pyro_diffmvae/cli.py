@@ -417,7 +417,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         latents = collect_latents(vae, lat_loader, cfg.latent_prior.samples_per_example)
         prior = build_latent_prior(cfg)
         prior.fit(latents, steps=prior_steps, batch_size=cfg.latent_prior.batch_size, lr=cfg.latent_prior.lr,
-                  ema_decay=cfg.latent_prior.get("ema_decay", None))
+                  ema_decay=cfg.latent_prior.get("ema_decay", None), progress=bool(t.progress_bar))
         vae.latent_prior = prior
         prior_seconds = time.time() - start
     # the latent prior is a submodule of the VAE once attached, so one state dict holds both

@@ -132,13 +132,16 @@ class LatentScorePrior(nn.Module):
             raise ValueError("latents contain non-finite values")
 
     def fit(self, latents: torch.Tensor, steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
-            generator: torch.Generator | None = None, callback=None, ema_decay: float | None = None) -> list[float]:
+            generator: torch.Generator | None = None, callback=None, ema_decay: float | None = None,
+            progress: bool = False) -> list[float]:
         """Fit to a tensor of latents ``(N, D)`` with Adam (cosine learning rate); returns the loss per step.
 
         With ``ema_decay`` an exponential moving average of the ε-network's weights
         (``torch.optim.swa_utils``) is kept during training and copied into it at the end, so that
-        sampling uses the averaged weights.
+        sampling uses the averaged weights. ``progress``: a progress bar on stderr with the running loss.
         """
+        from tqdm.auto import tqdm
+
         self.check_latents(latents)
         _check_positive_int("steps", steps)
         _check_positive_int("batch_size", batch_size)
@@ -153,6 +156,7 @@ class LatentScorePrior(nn.Module):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         losses = []
         self.train()
+        bar = tqdm(total=steps, desc=f"fitting {type(self).__name__}", unit="step", disable=not progress)
         for step in range(steps):
             idx = torch.randint(0, latents.shape[0], (min(batch_size, latents.shape[0]),), generator=generator)
             loss = self.loss(latents[idx])
@@ -163,8 +167,12 @@ class LatentScorePrior(nn.Module):
             if averaged is not None:
                 averaged.update_parameters(self.eps_net)
             losses.append(loss.item())
+            bar.update(1)
+            if progress and (step % 50 == 0 or step == steps - 1):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if callback is not None:
                 callback(step, loss.item())
+        bar.close()
         if averaged is not None:
             with torch.no_grad():
                 for p, q in zip(self.eps_net.parameters(), averaged.module.parameters()):

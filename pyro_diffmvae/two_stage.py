@@ -182,7 +182,8 @@ class JointLatentDiffusion(LatentScorePrior):
         return (((eps_hat - noise) ** 2) * diffused).sum() / diffused.sum()
 
     def fit(self, latents: torch.Tensor, steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
-            generator: torch.Generator | None = None, callback=None, ema_decay: float | None = None) -> list[float]:
+            generator: torch.Generator | None = None, callback=None, ema_decay: float | None = None,
+            progress: bool = False) -> list[float]:
         """Set the standardisation from ``latents`` (per-dimension mean and std), then fit as
         :meth:`LatentScorePrior.fit`."""
         self.check_latents(latents)
@@ -192,7 +193,7 @@ class JointLatentDiffusion(LatentScorePrior):
             self.shift.copy_(latents.mean(0))
             self.scale.copy_(latents.std(0).clamp_min(1e-4))
         return super().fit(latents, steps=steps, batch_size=batch_size, lr=lr, generator=generator,
-                           callback=callback, ema_decay=ema_decay)
+                           callback=callback, ema_decay=ema_decay, progress=progress)
 
     # ------------------------------------------------------------------ sampling
     def conditioned_eps(self, x_obs: torch.Tensor, observed: torch.Tensor):

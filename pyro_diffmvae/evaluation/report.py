@@ -161,7 +161,24 @@ def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") ->
         lines += _ledger_lines(metrics["ledger"])
     if "training" in metrics:
         lines += ["Training: " + ", ".join(f"{k} = {v}" for k, v in metrics["training"].items()), ""]
+    lines += _figure_lines(path.parent)
     path.write_text("\n".join(lines))
+
+
+#: the run's figures the report shows, when they exist beside it (relative links: the run directory moves as one)
+REPORT_FIGURES = (("Conditional generation", "figures/conditional.png"),
+                  ("Unconditional generation", "figures/unconditional.png"),
+                  ("Loss curves (training and validation)", "loss_curves.png"))
+
+
+def _figure_lines(run_dir: Path) -> list[str]:
+    found = [(title, rel) for title, rel in REPORT_FIGURES if (run_dir / rel).is_file()]
+    if not found:
+        return []
+    lines = ["## Figures", ""]
+    for title, rel in found:
+        lines += [f"**{title}** (`{rel}`)", "", f"![{title}]({rel})", ""]
+    return lines
 
 
 def save_metrics(metrics: dict, path: Path) -> None:

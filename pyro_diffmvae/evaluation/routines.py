@@ -145,10 +145,14 @@ def _batch_size(ev) -> int:
     return int(bs)
 
 
-def test_chunks(test_set, n: int, batch_size: int):
+def test_chunks(test_set, n: int, batch_size: int, progress: bool = False):
     """``(start, batch)`` for the first ``n`` test examples in chunks of ``batch_size``: the
-    evaluation never holds the whole split, only per-example scores and features."""
-    for start in range(0, n, batch_size):
+    evaluation never holds the whole split, only per-example scores and features. ``progress``: a
+    progress bar over the chunks on stderr (``trainer.progress_bar``)."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc=f"evaluating {n} test examples", unit="chunk", disable=not progress):
         yield start, collate(test_set, range(start, min(n, start + batch_size)))
 
 
@@ -281,7 +285,8 @@ def evaluate_with_labels(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: 
     label_parts, probe_given = [], [[m] for m in names] + [list(names)]
     probe_latents: dict[str, list] = {}
     first_truth, conditional_images = None, {}
-    for start, truth in test_chunks(test_set, n, batch_size):
+    progress = bool(cfg.get("trainer", {}).get("progress_bar", False))
+    for start, truth in test_chunks(test_set, n, batch_size, progress=progress):
         labels = spec.labels_of(truth)
         label_parts.append(labels)
         if first_truth is None:
