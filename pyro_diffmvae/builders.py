@@ -173,6 +173,19 @@ def build_latent_prior(cfg: DictConfig) -> LatentScorePrior:
                             sampler_steps=p.sampler_steps, fitted=False)
 
 
+def model_from_weights(cfg: DictConfig, weights: Mapping, source, what: str):
+    """The model ``cfg`` builds, with a latent prior when ``weights`` hold one, loaded strictly from
+    ``weights`` (a mismatch names ``source`` and the keys) and in eval mode: how every saved model is
+    read back (``model.pt``, a Lightning checkpoint, a pretrained folder)."""
+    from .io import load_state_dict_strict
+
+    vae = build_model(cfg)
+    if any(k.startswith("latent_prior.") for k in weights):
+        vae.latent_prior = build_latent_prior(cfg)
+    load_state_dict_strict(vae, weights, source, what)
+    return vae.eval()
+
+
 def to_device_batch(batch: Mapping, device) -> dict:
     """Move a collated batch (tensors and nested dicts of tensors) to ``device``."""
     out = {}

@@ -102,7 +102,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .io import atomic_torch_save, load_state_dict_strict, read_checkpoint
+from .io import atomic_torch_save, read_checkpoint
 
 __all__ = ["train_main", "evaluate_main", "sample_main", "run_train", "run_evaluate", "run_sample", "load_run",
            "resume_paths", "resume_config", "TrainingInterrupted"]
@@ -458,7 +458,7 @@ def save_model(vae, config: dict, path: str | os.PathLike) -> None:
 def load_run(checkpoint: str | os.PathLike):
     """Rebuild ``(vae, config)`` from a ``model.pt`` written by ``diffmvae-train``, a Lightning checkpoint
     of it, or a folder written by :func:`~pyro_diffmvae.pretrained.save_pretrained` (``<run>/pretrained``)."""
-    from .builders import build_latent_prior, build_model
+    from .builders import model_from_weights
     from .pretrained import from_pretrained, is_pretrained_folder
 
     path = Path(checkpoint)
@@ -477,12 +477,7 @@ def load_run(checkpoint: str | os.PathLike):
     else:
         raise ValueError(f"{path} is neither a model.pt of diffmvae-train nor a Lightning checkpoint of it "
                          f"(its keys: {sorted(map(str, state))[:8]})")
-    vae = build_model(cfg)
-    if any(k.startswith("latent_prior.") for k in weights):
-        vae.latent_prior = build_latent_prior(cfg)
-    load_state_dict_strict(vae, weights, path, "the weights of the model its stored config builds")
-    vae.eval()
-    return vae, cfg
+    return model_from_weights(cfg, weights, path, "the weights of the model its stored config builds"), cfg
 
 
 def run_evaluate(cfg: DictConfig, out: Path) -> dict:

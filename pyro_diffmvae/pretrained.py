@@ -105,8 +105,7 @@ def from_pretrained(folder: str | os.PathLike):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .builders import build_latent_prior, build_model
-    from .io import load_state_dict_strict
+    from .builders import model_from_weights
 
     folder = Path(folder)
     cfg = read_config(folder)
@@ -117,9 +116,4 @@ def from_pretrained(folder: str | os.PathLike):
         weights = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); the folder is damaged") from None
-    vae = build_model(cfg)
-    if any(k.startswith("latent_prior.") for k in weights):
-        vae.latent_prior = build_latent_prior(cfg)
-    load_state_dict_strict(vae, weights, path, "the weights of the model its config.json builds")
-    vae.eval()
-    return vae, cfg
+    return model_from_weights(cfg, weights, path, "the weights of the model its config.json builds"), cfg
