@@ -170,3 +170,27 @@ def test_a_weighting_of_the_wrong_shape_is_named():
         with pytest.raises(ValueError, match=rf"returned {got} for t of shape \(5,\): a weighting\(t, sde\) must return "
                                              r"a tensor of t's shape"):
             lik.log_prob(torch.zeros(5, 2))
+
+
+def test_a_batch_without_any_example_of_a_diffusion_modality_still_trains():
+    """Catches: the range check reducing an empty tensor (``aminmax`` of no element is an error), so a
+    batch in which no example has the image crashed instead of contributing the other modalities."""
+    from pyro.infer import Trace_ELBO
+
+    from pyro_diffmvae import DiffusionDecoder
+
+    class Eps(nn.Module):
+        def forward(self, x_t, z, t):
+            return torch.zeros_like(x_t)
+
+    decoder = DiffusionDecoder(Eps(), (4,), weighting="simple", output_range=(-1.0, 1.0))
+    vae = MultimodalVAE([Modality("img", Expert(4), decoder),
+                         Modality("b", Expert(4), FeedForwardDecoder(nn.Linear(D, 4), (4,), "normal", scale=1.0))],
+                        D, fusion="mopoe")
+    vae.modalities["img"].check_data(torch.empty(0, 4))
+    batch = {"img": torch.zeros(2, 4), "b": torch.randn(2, 4), "available": {"img": torch.tensor([False, False])}}
+    assert math.isfinite(Trace_ELBO().loss(vae.model, vae.guide, batch))
+    with pytest.raises(ValueError, match=r"modality 'img': data contains non-finite values"):
+        vae.modalities["img"].check_data(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"modality 'img': data contains non-finite values"):
+        vae.modalities["img"].check_data(torch.tensor([[0.0, float("-inf"), 0.0, 0.0]]))
