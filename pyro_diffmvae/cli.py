@@ -299,12 +299,18 @@ def _stored_config(checkpoint) -> DictConfig:
     from .pretrained import read_config
 
     path = Path(checkpoint)
-    if path.is_dir():
-        return read_config(path)
+    return read_config(path) if path.is_dir() else _saved_config_and_weights(path)[0]
+
+
+def _saved_config_and_weights(path: Path) -> tuple[DictConfig, dict]:
+    """``(config, VAE weights)`` of a ``model.pt`` written by ``diffmvae-train`` or a Lightning checkpoint of it."""
     state = read_checkpoint(path)  # weights_only: opening a file never runs code
-    for key in ("config", "diffmvae_config"):
-        if isinstance(state.get(key), dict):
-            return OmegaConf.create(state[key])
+    if isinstance(state.get("config"), dict) and isinstance(state.get("vae"), dict):  # model.pt
+        return OmegaConf.create(state["config"]), state["vae"]
+    if isinstance(state.get("diffmvae_config"), dict) and isinstance(state.get("state_dict"), dict):
+        # Lightning checkpoint (no latent prior: it is fitted after training)
+        weights = {k[len("vae."):]: v for k, v in state["state_dict"].items() if k.startswith("vae.")}
+        return OmegaConf.create(state["diffmvae_config"]), weights
     raise ValueError(f"{path} is neither a model.pt of diffmvae-train nor a Lightning checkpoint of it "
                      f"(its keys: {sorted(map(str, state))[:8]})")
 
@@ -467,16 +473,7 @@ def load_run(checkpoint: str | os.PathLike):
             raise ValueError(f"{path} is a folder but not a pretrained model folder (config.json and "
                              "model.safetensors, written by save_pretrained / diffmvae-train's <run>/pretrained)")
         return from_pretrained(path)
-    state = read_checkpoint(path)  # weights_only: opening a file never runs code
-    if isinstance(state.get("config"), dict) and isinstance(state.get("vae"), dict):  # model.pt
-        cfg, weights = OmegaConf.create(state["config"]), state["vae"]
-    elif isinstance(state.get("diffmvae_config"), dict) and isinstance(state.get("state_dict"), dict):
-        # Lightning checkpoint (no latent prior: it is fitted after training)
-        cfg = OmegaConf.create(state["diffmvae_config"])
-        weights = {k[len("vae."):]: v for k, v in state["state_dict"].items() if k.startswith("vae.")}
-    else:
-        raise ValueError(f"{path} is neither a model.pt of diffmvae-train nor a Lightning checkpoint of it "
-                         f"(its keys: {sorted(map(str, state))[:8]})")
+    cfg, weights = _saved_config_and_weights(path)
     return model_from_weights(cfg, weights, path, "the weights of the model its stored config builds"), cfg
 
 
