@@ -14,7 +14,7 @@ from .objectives import ELBO, OBJECTIVES, Objective, elbo_terms, make_objective
 from .nets.unet import ConditionalUNet
 from .pretrained import from_pretrained, save_pretrained
 from .prior import LatentMLP, LatentScorePrior, LatentUNet, collect_latents
-from .samplers import SAMPLERS, sample, sample_ddim, sample_probability_flow, sample_reverse_sde
+from .samplers import SAMPLERS, sample, sample_ddim, sample_dpmpp_2m, sample_probability_flow, sample_reverse_sde
 from .sde import VPSDE
 from .weighting import WEIGHTINGS, get_weighting, likelihood_weighting, simple_weighting, unit_weighting
 
@@ -52,6 +52,7 @@ __all__ = [
     "SAMPLERS",
     "sample",
     "sample_ddim",
+    "sample_dpmpp_2m",
     "sample_probability_flow",
     "sample_reverse_sde",
     "WEIGHTINGS",

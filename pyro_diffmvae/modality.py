@@ -20,6 +20,7 @@ from torch import nn
 
 from .nets.parameterization import EpsFromPrediction
 from .likelihoods import ScoreMatchingLikelihood
+from . import samplers as _samplers
 from .sde import VPSDE
 from .weighting import Weighting
 
@@ -205,8 +206,8 @@ class DiffusionDecoder(nn.Module):
             kwargs["sampler"] = sampler
         if steps is not None:
             kwargs["sampler_steps"] = steps
-        if kwargs["sampler"] == "ddim" and self.output_range is not None:
-            kwargs["sampler_kwargs"] = {"x0_range": self.output_range}  # clip x0-hat at every DDIM step
+        if kwargs["sampler"] in _samplers.X0_CLIPPING_SAMPLERS and self.output_range is not None:
+            kwargs["sampler_kwargs"] = {"x0_range": self.output_range}  # clip x0-hat at every DDIM / DPM-Solver++ step
         x = ScoreMatchingLikelihood(self.eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
         return x if self.output_range is None else x.clamp(*self.output_range)
 

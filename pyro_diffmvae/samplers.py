@@ -11,6 +11,8 @@ All samplers start from the prior :math:`x_T \sim \pi = \mathcal N(0, I)`, integ
   :math:`dx = [f(x,t) - \tfrac12 g^2(t)\, s_\theta]\,dt`.
 * **DDIM** with :math:`\eta = 0` (Song, Meng & Ermon 2021; paper's Diff-MVAE*), a small loop:
   :math:`x_{t'} = \alpha_{t'}\hat x_0 + \sigma_{t'}\hat\epsilon`, :math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon)/\alpha_t`.
+* **DPM-Solver++(2M)** (Lu et al. 2022), a small loop: the second-order multistep solver of the same
+  probability-flow ODE in :math:`\lambda = \log(\alpha/\sigma)`; about 10 evaluations do what DDIM needs 50 for.
 
 ``torchsde`` wants increasing times and 2-D states, so the SDEs are written in reversed time
 :math:`s = T - t` on flattened states, with a float64 time grid (a float32 grid adds a tiny extra
@@ -24,6 +26,7 @@ is called after each step.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -31,7 +34,7 @@ import torchsde
 
 from .sde import VPSDE, right_pad
 
-__all__ = ["SAMPLERS", "sample", "sample_reverse_sde", "sample_probability_flow", "sample_ddim"]
+__all__ = ["SAMPLERS", "X0_CLIPPING_SAMPLERS", "DPM_SPACINGS", "sample", "sample_reverse_sde", "sample_probability_flow", "sample_ddim", "sample_dpmpp_2m"]
 
 EpsNet = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, int], None]]
@@ -274,16 +277,123 @@ def sample_ddim(
     return x
 
 
+DPM_SPACINGS = ("quadratic", "time", "logsnr", "karras")
+
+
+def _dpm_time_grid(sde: VPSDE, steps: int, spacing: str) -> list[float]:
+    """``steps + 1`` times from T down to ε (float64): uniform in :math:`\sqrt t` (``"quadratic"``), in t
+    (``"time"``), in λ (``"logsnr"``) or Karras et al.'s ρ = 7 spacing of :math:`e^{-\lambda}` (``"karras"``)."""
+    ends = torch.tensor([sde.T, sde.eps], dtype=torch.float64)
+    if spacing == "time":
+        return torch.linspace(sde.T, sde.eps, steps + 1, dtype=torch.float64).tolist()
+    if spacing == "quadratic":
+        return (torch.linspace(math.sqrt(sde.T), math.sqrt(sde.eps), steps + 1, dtype=torch.float64) ** 2).tolist()
+    if spacing in ("logsnr", "karras"):
+        lam_T, lam_eps = sde.half_log_snr(ends).tolist()
+        if spacing == "logsnr":
+            lams = torch.linspace(lam_T, lam_eps, steps + 1, dtype=torch.float64)
+        else:  # Karras et al. (2022), rho = 7, on the VE noise level e^{-lambda} = sigma/alpha
+            rho = 7.0
+            u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+            lo, hi = math.exp(-lam_eps / rho), math.exp(-lam_T / rho)
+            lams = -rho * torch.log(hi + u * (lo - hi))
+        grid = sde.time_from_half_log_snr(lams)
+        grid[0], grid[-1] = sde.T, sde.eps  # the round trip through λ is exact to ~1e-16; pin the ends
+        return grid.tolist()
+    raise ValueError(f"unknown time spacing {spacing!r}; known: {list(DPM_SPACINGS)}")
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    eps_net: EpsNet,
+    shape,
+    sde: VPSDE,
+    steps: int = 10,
+    z: torch.Tensor | None = None,
+    callback: Callback = None,
+    *,
+    x_T: torch.Tensor | None = None,
+    denoise: bool = True,
+    device=None,
+    dtype=torch.float32,
+    generator: torch.Generator | None = None,
+    x0_range: tuple[float, float] | None = None,
+    spacing: str = "quadratic",
+    lower_order_final: bool = True,
+) -> torch.Tensor:
+    r"""DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the
+    probability-flow ODE in its data-prediction form, one network evaluation per step.
+
+    In :math:`\lambda_t = \log(\alpha_t/\sigma_t)` the ODE is solved exactly for its linear part,
+
+    .. math:: x_{t_i} = \frac{\sigma_{t_i}}{\sigma_{t_{i-1}}} x_{t_{i-1}} - \alpha_{t_i}\,(e^{-h_i} - 1)\, D_i,
+              \qquad h_i = \lambda_{t_i} - \lambda_{t_{i-1}},
+
+    with :math:`\hat x_0^{(i)} = (x_{t_i} - \sigma_{t_i}\hat\epsilon)/\alpha_{t_i}` and the
+    multistep correction :math:`D_i = (1 + \tfrac1{2r_i})\hat x_0^{(i-1)} - \tfrac1{2r_i}\hat x_0^{(i-2)}`,
+    :math:`r_i = h_{i-1}/h_i` (first order, which is DDIM, at the first step, and at the last when
+    ``lower_order_final`` and ``steps < 15``, as the reference implementation does for stability at few
+    steps). The step times are uniform in :math:`\sqrt t` by default (``spacing="quadratic"``, the
+    reference's ``time_quadratic``); ``"time"``, ``"logsnr"`` and ``"karras"`` are the alternatives. On
+    the exact ε of a correlated 2-D Gaussian (``tests/test_samplers.py``, covariance computed exactly from
+    the sampler's affine map) 10 evaluations give a covariance 3 % high with ``"quadratic"``, 8 % high with
+    ``"logsnr"``, 12 % low with ``"time"`` and 25 % high with ``"karras"``; DDIM-50 is 7 % low. The order is
+    two: the error falls ~4x per doubling of steps beyond ~20 steps. ``x0_range`` clips every
+    :math:`\hat x_0` to the data range.
+
+    Network evaluations: ``steps`` (+ 1 for the final Tweedie step when ``denoise``). Written here as a
+    ~20-line loop rather than taken from a library: the maintained implementations (``diffusers``'
+    ``DPMSolverMultistepScheduler``, ``k-diffusion``) are tied to discrete-time schedules or to the
+    σ-parameterised VE form and bring large dependencies, while this VP-SDE is continuous in t.
+    """
+    shape = _check_common(shape, steps, z)
+    device = device if device is not None else (z.device if z is not None else None)
+    x = _initial_state(shape, x_T, device, dtype, generator)
+    grid = _dpm_time_grid(sde, steps, spacing)
+    lam = sde.half_log_snr(torch.tensor(grid, dtype=torch.float64)).tolist()
+    x0_prev, h_prev = None, None
+    for i in range(steps):
+        t, t_next = grid[i], grid[i + 1]
+        tt = torch.full((shape[0],), t, device=x.device, dtype=x.dtype)
+        eps = eps_net(x, z, tt)
+        x0_hat = (x - right_pad(sde.sigma(tt), x) * eps) / right_pad(sde.alpha(tt), x)
+        if x0_range is not None:
+            x0_hat = x0_hat.clamp(*x0_range)
+        h = lam[i + 1] - lam[i]
+        final_first_order = lower_order_final and steps < 15 and i == steps - 1
+        if x0_prev is None or final_first_order:
+            d = x0_hat
+        else:
+            r = h_prev / h
+            d = (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
+        sigma_ratio = float(sde.sigma(torch.tensor(t_next, dtype=torch.float64)) / sde.sigma(torch.tensor(t, dtype=torch.float64)))
+        alpha_next = float(sde.alpha(torch.tensor(t_next, dtype=torch.float64)))
+        x = sigma_ratio * x - alpha_next * math.expm1(-h) * d
+        x0_prev, h_prev = x0_hat, h
+        if callback is not None:
+            callback(i + 1, steps)
+    if denoise:
+        x = _denoise(eps_net, x, z, sde.eps, sde)
+    if x0_range is not None:
+        x = x.clamp(*x0_range)
+    return x
+
+
+#: samplers that accept ``x0_range`` (clip the data prediction at every step)
+X0_CLIPPING_SAMPLERS = frozenset({"ddim", "dpmpp_2m"})
+
 SAMPLERS: dict[str, Callable] = {
     "sde": sample_reverse_sde,
     "ode": sample_probability_flow,
     "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
 }
 
 
 def sample(eps_net: EpsNet, shape, sde: VPSDE, method: str = "ddim", steps: int | None = None, z=None, callback: Callback = None, **kwargs):
-    """Dispatch to a sampler by name: ``"sde"`` (reverse SDE), ``"ode"`` (probability flow) or
-    ``"ddim"``; ``steps=None`` uses the sampler's default (1000, 100, 50)."""
+    """Dispatch to a sampler by name: ``"sde"`` (reverse SDE), ``"ode"`` (probability flow),
+    ``"ddim"`` or ``"dpmpp_2m"`` (DPM-Solver++ 2M); ``steps=None`` uses the sampler's default
+    (1000, 100, 50, 10)."""
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; known samplers: {sorted(SAMPLERS)}")
     fn = SAMPLERS[method]

@@ -114,6 +114,20 @@ class VPSDE:
         r""":math:`\sigma_t`."""
         return torch.sqrt(self.sigma2(t))
 
+    def half_log_snr(self, t):
+        r"""Half log signal-to-noise ratio :math:`\lambda_t = \log(\alpha_t/\sigma_t)
+        = -\tfrac12 B(t) - \tfrac12\log(1 - e^{-B(t)})`, decreasing in :math:`t` (DPM-Solver's time variable)."""
+        B = self.integrated_beta(_as_time(t))
+        return -0.5 * B - 0.5 * torch.log(-torch.expm1(-B))
+
+    def time_from_half_log_snr(self, lam):
+        r"""Inverse of :meth:`half_log_snr`: :math:`e^{-2\lambda} = e^{B} - 1`, so
+        :math:`B = \mathrm{softplus}(-2\lambda)`, then :math:`t = 2B/(\beta_{\min} +
+        \sqrt{\beta_{\min}^2 + 2\Delta B})` (the root of :math:`B(t) = B` used by :meth:`importance_icdf`)."""
+        B = F.softplus(-2.0 * _as_time(lam))
+        delta = self.beta_max - self.beta_min
+        return 2.0 * B / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * delta * B))
+
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         r"""Forward drift :math:`f(x, t) = -\tfrac12\beta(t) x`; ``t`` broadcasts over ``x``'s batch dim."""
         beta = self.beta(_as_time(t, x))

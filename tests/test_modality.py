@@ -7,6 +7,7 @@ from torch import nn
 from pyro_diffmvae.likelihoods import ScoreMatchingLikelihood
 from pyro_diffmvae.modality import DiffusionDecoder, FeedForwardDecoder, Modality
 from pyro_diffmvae.prior import LatentUNet
+from pyro_diffmvae import samplers
 
 
 class Fixed(nn.Module):
@@ -71,6 +72,25 @@ def test_diffusion_decoder_builds_score_matching_likelihood():
     assert not dec.is_bound and "not a bound" in dec.objective
     assert DiffusionDecoder(eps, (3,)).is_bound
     assert dec.generate(torch.zeros(2, 7), sampler="ddim", steps=2).shape == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("sampler,clips", [("ddim", True), ("dpmpp_2m", True), ("ode", False)])
+def test_diffusion_decoder_passes_its_output_range_to_x0_samplers(monkeypatch, sampler, clips):
+    # DDIM and DPM-Solver++ clip x̂0 at every step to the decoder's output range; the torchsde samplers
+    # take no x0_range. Fails if the decoder stops passing it to one of them (or passes it to torchsde).
+    seen = {}
+    real = samplers.SAMPLERS[sampler]
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(samplers.SAMPLERS, sampler, spy)
+    eps = lambda x_t, z, t: torch.zeros_like(x_t)
+    dec = DiffusionDecoder(eps, (3,), sampler=sampler, sampler_steps=4, output_range=(-1.0, 1.0))
+    x = dec.generate(torch.zeros(2, 2))
+    assert x.shape == (2, 3) and x.abs().max() <= 1.0
+    assert seen.get("x0_range") == ((-1.0, 1.0) if clips else None)
 
 
 def test_latent_unet_reshapes():

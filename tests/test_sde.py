@@ -114,3 +114,15 @@ def test_bad_parameters_and_methods():
         VPSDE(eps=1.0)
     with pytest.raises(ValueError, match="uniform.*importance"):
         VPSDE().sample_time((3,), method="loguniform")
+
+
+def test_half_log_snr_closed_form_and_inverse():
+    # λ = log(α/σ) with α² = e^{-B}, σ² = 1 - e^{-B}; by hand at t = 0.5: B = 0.05 + 0.5 * 19.9 * 0.25 = 2.5375,
+    # λ = -B/2 - log(1 - e^{-B})/2 = -1.22757. Fails with λ = log(α²/σ²) or a wrong inverse root.
+    sde = VPSDE()
+    t = torch.tensor([1e-5, 0.1, 0.5, 1.0], dtype=torch.float64)
+    B = 0.1 * t + 0.5 * 19.9 * t**2
+    expected = 0.5 * torch.log(torch.exp(-B) / -torch.expm1(-B))
+    torch.testing.assert_close(sde.half_log_snr(t), expected, rtol=1e-12, atol=0)
+    assert float(sde.half_log_snr(torch.tensor(0.5, dtype=torch.float64))) == pytest.approx(-1.22757, abs=1e-5)
+    torch.testing.assert_close(sde.time_from_half_log_snr(sde.half_log_snr(t)), t, rtol=1e-9, atol=0)

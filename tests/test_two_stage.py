@@ -220,7 +220,7 @@ def test_unconditional_samples_have_the_joint_covariance():
     torch.testing.assert_close(cov, torch.tensor([[1.0, RHO], [RHO, 1.0]]), atol=0.1, rtol=0)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 100), ("sde", 300)])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 100), ("sde", 300), ("dpmpp_2m", 15)])
 def test_mld_conditional_samples_have_the_gaussian_conditional(sampler, steps):
     """MLD conditioning (clean observed block, τ = 0) with the exact conditional ε: u_2 | u_1 = 1
     is N(ρ, 1 − ρ²) = N(0.8, 0.36); the observed block comes back unchanged."""

@@ -58,7 +58,7 @@ from _hardware import command_line, fmt, hardware_lines, load_line, md_table, se
 import torchsde
 
 from pyro_diffmvae.nets.unet import ConditionalUNet
-from pyro_diffmvae.samplers import sample_ddim, sample_probability_flow, sample_reverse_sde
+from pyro_diffmvae.samplers import DPM_SPACINGS, sample_ddim, sample_dpmpp_2m, sample_probability_flow, sample_reverse_sde
 from pyro_diffmvae.sde import VPSDE
 
 DEFAULT_NET = dict(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,))
@@ -324,6 +324,7 @@ def bench_wall(args, net, sde, shape, z, device, out: list[str]):
         ("DDIM (`sample_ddim`)", sample_ddim, args.ddim_target, args.ddim_steps, False),
         ("reverse SDE, Euler–Maruyama (`sample_reverse_sde`)", sample_reverse_sde, args.sde_target, args.sde_steps, True),
         ("probability-flow ODE, Euler (`sample_probability_flow`)", sample_probability_flow, args.ode_target, args.ode_steps, True),
+        *[(f"DPM-Solver++(2M), {n} steps (`sample_dpmpp_2m`)", sample_dpmpp_2m, n, None, False) for n in args.dpm_targets],
     ]
     # warm-up
     for _, fn, _, _, _ in specs:
@@ -366,8 +367,8 @@ def bench_wall(args, net, sde, shape, z, device, out: list[str]):
                 f"**extrapolated** from {measured} steps ({nfe_meas} NFE, {fmt(t_meas[0])} s): (time - null-net time) x "
                 f"{nfe_target}/{nfe_meas} + null-net time at {null_target_steps} steps ({fmt(nt[0])} s)"
             )
-        results[label.split(" (")[0].split(",")[0]] = sec[0]
-        cpu_results[label.split(" (")[0].split(",")[0]] = sec[1]
+        key = label.split(" (")[0] if label.startswith("DPM") else label.split(" (")[0].split(",")[0]
+        results[key], cpu_results[key] = sec[0], sec[1]
         rows.append([label, str(target), str(nfe_target), fmt(sec[0]), fmt(batch / sec[0]), fmt(sec[0] / nfe_target * 1e3),
                      fmt(sec[1]), how])
 
@@ -384,6 +385,57 @@ def bench_wall(args, net, sde, shape, z, device, out: list[str]):
         f"({sde_c / ddim_c:.1f}x and {ode_c / ddim_c:.1f}x in CPU time). NFE counted by wrapping the net; it "
         f"includes the final Tweedie denoise call.\n"
     )
+    for n in args.dpm_targets:
+        dpm = results[f"DPM-Solver++(2M), {n} steps"]
+        out.append(f"- DPM-Solver++(2M) with {n} steps ({n + 1} NFE) is **{ddim / dpm:.1f}x** faster than "
+                   f"DDIM-{args.ddim_target} in wall time (its accuracy per NFE: part 4).\n")
+
+
+# --------------------------------------------------------------------------- part 4
+class _GaussianEps(torch.nn.Module):
+    r"""Exact ε of :math:`\mathcal N(\mu, \Sigma)`: :math:`\epsilon^* = \sigma_t(\alpha_t^2\Sigma + \sigma_t^2 I)^{-1}(x_t - \alpha_t\mu)`."""
+
+    def __init__(self, sde: VPSDE, mean: torch.Tensor, cov: torch.Tensor):
+        super().__init__()
+        self.sde, self.mean, self.cov = sde, mean, cov
+
+    def forward(self, x, z, t):
+        a, s2 = self.sde.alpha(t), self.sde.sigma2(t)
+        cov_t = a[:, None, None] ** 2 * self.cov + s2[:, None, None] * torch.eye(len(self.mean), dtype=x.dtype)
+        return s2.sqrt()[:, None] * torch.linalg.solve(cov_t, (x - a[:, None] * self.mean).unsqueeze(-1)).squeeze(-1)
+
+
+def bench_accuracy(args, sde, out: list[str]):
+    """Covariance error per network evaluation, exactly (no Monte Carlo): with the exact ε of a Gaussian every
+    deterministic sampler is an affine map x_0 = A x_T + b, so Cov = A Aᵀ (float64)."""
+    mean = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    cov = torch.tensor([[1.0, 0.8], [0.8, 1.5]], dtype=torch.float64)
+    net = CountingNet(_GaussianEps(sde, mean, cov))
+    x_T = torch.cat([torch.zeros(1, 2), torch.eye(2)]).double()
+
+    def error(fn, steps, **kw):
+        net.calls = 0
+        x = fn(net, (3, 2), sde, steps=steps, x_T=x_T, dtype=torch.float64, **kw)
+        A = (x[1:] - x[0]).T
+        c = A @ A.T
+        return net.calls, float(((c - cov).abs() / cov).max()), float((c.diagonal() / cov.diagonal()).mean() - 1)
+
+    rows = []
+    for steps in args.accuracy_ddim_steps:
+        rows.append(["DDIM (uniform t)", str(steps), *_acc_cells(error(sample_ddim, steps))])
+    for spacing in DPM_SPACINGS:
+        for steps in args.accuracy_dpm_steps:
+            rows.append([f"DPM-Solver++(2M), `spacing={spacing}`", str(steps), *_acc_cells(error(sample_dpmpp_2m, steps, spacing=spacing))])
+    out.append("## 4. Accuracy per network evaluation: covariance of N(μ, Σ) with its exact ε (2-D, ρ = 0.65)\n")
+    out.append("Exact, not sampled: the deterministic samplers are affine maps of x_T here, so Cov = A Aᵀ. "
+               "NFE includes the final Tweedie step. Target (issue 14): DPM-Solver++ at 10 NFE closer than DDIM-50.\n")
+    out.append(md_table(["sampler", "steps", "NFE", "max relative error of Cov entries", "mean variance ratio - 1"], rows))
+    out.append("")
+
+
+def _acc_cells(result):
+    nfe, err, bias = result
+    return [str(nfe), f"{err:.4f}", f"{bias:+.4f}"]
 
 
 # --------------------------------------------------------------------------- part 3
@@ -514,13 +566,19 @@ def parse_args(argv=None):
     g.add_argument("--no-null-correction", dest="null_correction", action="store_false",
                    help="extrapolate the whole measured time linearly in NFE instead of timing the solver "
                    "overhead separately with a null net at the nominal step count")
+    g.add_argument("--dpm-targets", type=int, nargs="*", default=[9, 19],
+                   help="DPM-Solver++(2M) step counts timed (NFE = steps + 1); default 9 19")
     g = p.add_argument_group("3. null-network overhead breakdown")
     g.add_argument("--breakdown-steps", type=int, default=1000, help="default 1000")
     g.add_argument("--breakdown-repeats", type=int, default=None, help="timed runs per case (default: --repeats)")
+    g = p.add_argument_group("4. accuracy per NFE on a Gaussian with its exact score (no timing)")
+    g.add_argument("--accuracy-ddim-steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    g.add_argument("--accuracy-dpm-steps", type=int, nargs="+", default=[4, 9, 14, 19])
     g = p.add_argument_group("parts and output")
     g.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip part 1")
     g.add_argument("--no-wall", dest="wall", action="store_false", help="skip part 2")
     g.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip part 3")
+    g.add_argument("--no-accuracy", dest="accuracy", action="store_false", help="skip part 4")
     g.add_argument("--allow-bm-hazard", action="store_true",
                    help="run step counts whose torchsde grid makes BrownianInterval(dt=None) build a huge "
                    "tree (e.g. 100 steps: runs out of memory) instead of moving to the nearest safe count")
@@ -576,6 +634,9 @@ def main(argv=None) -> str:
                 f"{args.breakdown_steps}-step solve (part 1 measured {part1['ratio']:.3f}x wall, "
                 f"{part1['cpu_ratio']:.3f}x CPU at {args.steps} steps)\n"
             )
+        flush()
+    if args.accuracy:
+        bench_accuracy(args, sde, out)
         flush()
     out.append(f"_At end: {load_line()}._")
     flush()
