@@ -315,7 +315,8 @@ def write_tables(out: Path, results: Path) -> list[Path]:
 
 
 #: the zoo of ``zoo``: every model with a ``<dataset>_<model>_cpu`` preset, in the paper's order
-ZOO_MODELS = ("mvae", "mmvae", "mopoe", "mopoe_star", "mvtcae", "mmvae_plus", "sbm_vae_c", "mld", "diffmvae_star")
+ZOO_MODELS = ("mvae", "mmvae", "mopoe", "mopoe_star", "mvtcae", "mmvae_plus", "sbm_vae_c", "mld", "diffmvae_star",
+              "diffmvae_star_v")
 
 #: published PolyMNIST conditional coherence for 1/2/3/4 given modalities (as quoted in the MoPoE,
 #: MVTCAE and MMVAE+ papers; their budgets, backgrounds and classifiers, not ours)

@@ -93,6 +93,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
             prediction=diff.prediction,
             num_draws=diff.num_draws, time_sampling=cfg.weighting.time_sampling,
             sampler=diff.sampler, sampler_steps=diff.sampler_steps, output_range=(-1.0, 1.0),
+            cond_dropout=diff.get("cond_dropout", 0.0), guidance=diff.get("guidance", 1.0), latent_dim=D,
         )
     return build_decoder(name, spec, cfg)
 

@@ -21,6 +21,7 @@ from torch import nn
 from .nets.parameterization import EpsFromPrediction
 from .likelihoods import ScoreMatchingLikelihood
 from . import samplers as _samplers
+from .guidance import GuidedEps, check_cond_dropout, check_guidance, drop_conditioning
 from .sde import VPSDE
 from .weighting import Weighting
 
@@ -148,6 +149,12 @@ class DiffusionDecoder(nn.Module):
     :param output_range: clamp generated samples to this ``(low, high)`` data range (e.g. images
         in [-1, 1]); with DDIM the denoised estimate is also clipped at every step. ``None``
         leaves samples as the sampler returns them.
+    :param cond_dropout: probability p of replacing z by a learned null latent while training
+        (:mod:`~pyro_diffmvae.guidance`); 0 (default) keeps the ELBO. Needs ``latent_dim``.
+    :param guidance: the guidance weight w of generation, :math:`\hat\epsilon(x, \varnothing) +
+        w(\hat\epsilon(x, z) - \hat\epsilon(x, \varnothing))`; 1 (default) is no guidance. Any other
+        value needs a decoder trained with ``cond_dropout > 0``. Settable later (``decoder.guidance = w``).
+    :param latent_dim: the size of z, for the null latent (only with ``cond_dropout > 0``).
     """
 
     is_diffusion = True
@@ -166,8 +173,17 @@ class DiffusionDecoder(nn.Module):
         sampler_steps: int | None = None,
         output_range: tuple[float, float] | None = None,
         prediction: str = "eps",
+        cond_dropout: float = 0.0,
+        guidance: float = 1.0,
+        latent_dim: int | None = None,
     ):
         super().__init__()
+        self.cond_dropout = check_cond_dropout(cond_dropout)
+        if self.cond_dropout > 0 and (isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1):
+            raise ValueError(f"cond_dropout > 0 learns a null latent and needs latent_dim (a positive int), got {latent_dim!r}")
+        # the learned null latent (starts at the prior mean); absent without conditioning dropout
+        self.null_z = nn.Parameter(torch.zeros(latent_dim)) if self.cond_dropout > 0 else None
+        self.guidance = guidance
         self.output_range = None if output_range is None else (float(output_range[0]), float(output_range[1]))
         self.event_shape = torch.Size(event_shape)
         self.sde = sde if sde is not None else VPSDE()
@@ -182,20 +198,41 @@ class DiffusionDecoder(nn.Module):
             sampler=sampler,
             sampler_steps=sampler_steps,
         )
-        self(torch.zeros(1, 1))  # fail early on bad settings (no network call happens here)
+        self._likelihood(torch.zeros(1, 1))  # fail early on bad settings (no network call happens here)
+
+    @property
+    def guidance(self) -> float:
+        """The guidance weight w of :meth:`generate` (1: none)."""
+        return self._guidance
+
+    @guidance.setter
+    def guidance(self, w: float) -> None:
+        w = check_guidance(w)
+        if w != 1.0 and self.null_z is None:
+            raise ValueError(f"guidance {w} needs the unconditional network of a decoder trained with cond_dropout > 0 "
+                             "(model.diffusion.cond_dropout); this one was not")
+        self._guidance = w
 
     @property
     def is_bound(self) -> bool:
-        """Whether the likelihood's ``log_prob`` is a lower bound on log p(x|z)."""
-        return self(torch.zeros(1, 1)).is_bound
+        """Whether the likelihood's ``log_prob`` is a lower bound on log p(x|z) (never with conditioning dropout,
+        whose dropped examples' decoder term does not depend on z)."""
+        return self._likelihood(torch.zeros(1, 1)).is_bound and self.cond_dropout == 0.0
 
     @property
     def objective(self) -> str:
         """What the likelihood's ``log_prob`` computes, in words."""
-        return self(torch.zeros(1, 1)).objective
+        text = self._likelihood(torch.zeros(1, 1)).objective
+        return text if self.cond_dropout == 0.0 else f"{text}; with conditioning dropout p = {self.cond_dropout}: not a bound"
 
     def forward(self, z: torch.Tensor) -> ScoreMatchingLikelihood:
-        """The likelihood p_θ(x | z), batch shape ``z.shape[:-1]``."""
+        """The likelihood p_θ(x | z), batch shape ``z.shape[:-1]``; while training with ``cond_dropout > 0``
+        each example's z is replaced by the null latent with that probability."""
+        if self.training and self.null_z is not None:
+            z = drop_conditioning(z, self.null_z, self.cond_dropout)
+        return self._likelihood(z)
+
+    def _likelihood(self, z: torch.Tensor) -> ScoreMatchingLikelihood:
         return ScoreMatchingLikelihood(self.eps_net, z, self.sde, event_shape=self.event_shape, **self.likelihood_kwargs)
 
     @torch.no_grad()
@@ -208,7 +245,8 @@ class DiffusionDecoder(nn.Module):
             kwargs["sampler_steps"] = steps
         if kwargs["sampler"] in _samplers.X0_CLIPPING_SAMPLERS and self.output_range is not None:
             kwargs["sampler_kwargs"] = {"x0_range": self.output_range}  # clip x0-hat at every DDIM / DPM-Solver++ step
-        x = ScoreMatchingLikelihood(self.eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
+        eps_net = self.eps_net if self.guidance == 1.0 else GuidedEps(self.eps_net, self.null_z, self.guidance)
+        x = ScoreMatchingLikelihood(eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
         return x if self.output_range is None else x.clamp(*self.output_range)
 
     def check_data(self, name: str, x: torch.Tensor) -> None:

@@ -69,6 +69,10 @@ def _optional_non_negative_real(value) -> str | None:
     return None if value is None or _non_negative_real(value) is None else "a finite number >= 0 or null"
 
 
+def _probability_below_one(value) -> str | None:
+    return None if _real(value) and 0.0 <= value < 1.0 else "a probability in [0, 1)"
+
+
 def _optional_decay(value) -> str | None:
     return None if value is None or (_real(value) and 0 < value < 1) else "a number in (0, 1) or null (off)"
 
@@ -142,6 +146,8 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "model.diffusion.sampler": _sampler,
     "model.diffusion.sampler_steps": _positive_int,
     "model.diffusion.num_draws": _positive_int,
+    "model.diffusion.cond_dropout": _probability_below_one,
+    "model.diffusion.guidance": _non_negative_real,
     "model.two_stage.sampler": _sampler,
     "model.two_stage.sampler_steps": _positive_int,
     "model.two_stage.prior_steps": _optional_positive_int,
@@ -153,6 +159,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "evaluation.batch_size": _positive_int,
     "evaluation.sampler": _sampler,
     "evaluation.sampler_steps": _positive_int,
+    "evaluation.guidance": _optional_non_negative_real,
     "evaluation.bootstrap": _bootstrap,
     "evaluation.loglik_examples": _non_negative_int,
     "evaluation.loglik_samples": _positive_int,

@@ -248,6 +248,31 @@ def test_the_ledger_says_whether_the_trained_objective_is_a_bound(weighting, ext
     assert "reconstruction bound, not a bound on -log p(x)" in ledger["estimators"]["image_reconstruction_bound_bpd"]
 
 
+@pytest.mark.parametrize("overrides, says", [
+    ([], "diffmvae_star_v — Diff-MVAE*-v, this library's recommended variant"),
+    (["model=diffmvae_star"], "diffmvae_star — the paper's Diff-MVAE*: the unweighted eps-MSE"),
+    (["model=diffmvae"], "diffmvae — the paper's Diff-MVAE: the likelihood weighting"),
+    (["model=diffmvae_star", "weighting=v_mse"],
+     "diffmvae_star as changed by this run (weighting v_mse instead of simple: a different objective)"),
+    (["model=diffmvae_star", "model.diffusion.prediction=v"],
+     "diffmvae_star as changed by this run (prediction v instead of eps: the same objective, another parameterisation)"),
+    (["model=diffmvae_star", "model.diffusion_decoders=false"], "diffmvae_star with feed-forward decoders only"),
+    (["model=mopoe"], "mopoe"),
+])
+def test_the_ledger_names_the_model_and_any_change_to_its_objective(overrides, says):
+    """Catches: a report that calls a run Diff-MVAE* after its weighting was changed on the command line
+    (the name alone would claim the paper's objective), or that names no model at all."""
+    from hydra import compose, initialize_config_module
+
+    from pyro_diffmvae.builders import build_model
+    from pyro_diffmvae.evaluation.ledger import bound_ledger
+
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        cfg = compose("config", overrides=["experiment=tiny", *overrides])
+    ledger = bound_ledger(build_model(cfg), cfg, {"protocol": {"label": "standard"}})
+    assert ledger["model"].startswith(says)
+
+
 def test_the_ledger_names_the_mixture_of_mmvae():
     """Catches: the report claiming the fusion's product for a model trained (and generating) with MMVAE's mixture."""
     from hydra import compose, initialize_config_module
@@ -312,3 +337,24 @@ def test_channels_last_decodes_the_same_and_restores_the_weights():
     assert all(c.weight.is_contiguous() for c in convs)
     for m in plain:
         torch.testing.assert_close(fast[m], plain[m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_batched_fd_bootstrap_equals_one_fd_per_resample(paired):
+    """Catches a batched bootstrap that differs from its definition (the SD, divisor B − 1, of
+    fd_of_features over the seeded resamples): a wrong covariance divisor, unpaired indices for
+    conditional FDs, or resamples lost between batches (137 resamples of 300: several batches)."""
+    import numpy as np
+
+    from pyro_diffmvae.evaluation.uncertainty import bootstrap_fd_se, bootstrap_indices, fd_of_features
+
+    torch.manual_seed(0)
+    real, fake = torch.randn(300, 5), 1.3 * torch.randn(300, 5) + 0.2
+    idx_r = bootstrap_indices(300, 137, 4)
+    idx_f = idx_r if paired else bootstrap_indices(300, 137, 5)
+    by_definition = np.std([fd_of_features(real[i], fake[j]) for i, j in zip(idx_r, idx_f)], ddof=1)
+    assert bootstrap_fd_se(real, fake, 137, 4, paired=paired) == pytest.approx(by_definition, rel=1e-9)
+    # 300 x 5 x 20 values per batch: 20 resamples a batch, 7 batches
+    assert bootstrap_fd_se(real, fake, 137, 4, paired=paired, batch_values=300 * 5 * 20) == pytest.approx(by_definition, rel=1e-9)
+    with pytest.raises(ValueError, match="non-finite"):
+        bootstrap_fd_se(real, fake * float("nan"), 10, 0)

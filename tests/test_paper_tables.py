@@ -113,7 +113,9 @@ def test_zoo_table_rows_follow_the_zoo_order_with_budget_fd_and_published_number
     assert "two-stage models define no joint density" in md
     with pytest.raises(SystemExit, match="no experiment preset"):
         paper_tables.zoo_presets("polymnist", ["mopoe", "no_such_model"])
-    assert paper_tables.zoo_presets("polymnist", paper_tables.ZOO_MODELS)[-1] == "polymnist_diffmvae_star_cpu"
+    assert paper_tables.zoo_presets("polymnist", paper_tables.ZOO_MODELS)[-2:] == ["polymnist_diffmvae_star_cpu",
+                                                                                   "polymnist_diffmvae_star_v_cpu"]
+    assert paper_tables.zoo_presets("shapes", paper_tables.ZOO_MODELS)[-1] == "shapes_diffmvae_star_v_cpu"
 
 
 def test_a_finished_run_with_another_budget_is_not_reused(tmp_path):

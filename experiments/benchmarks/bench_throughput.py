@@ -3,7 +3,7 @@ r"""Training throughput (examples / s) and peak memory of one Diff-MVAE training
 precision (fp32 / bf16 autocast), memory layout (contiguous / channels-last) and ``torch.compile``.
 
 **What is timed.** The model is what ``diffmvae-train`` builds: :func:`pyro_diffmvae.builders.build_model`
-on the composed hydra config (default: ``model=diffmvae_star``, ``weighting=v_mse``, ``fusion=mopoe``, the
+on the composed hydra config (default: ``model=diffmvae_star_v``, ``weighting=v_mse``, ``fusion=mopoe``, the
 shapes modalities: image → diffusion decoder with the config's UNet, mask and 17 attributes →
 Bernoulli decoders), with ``dataset.image_size`` set to each ``--image-sizes`` value and any
 ``--override``. One step is what :class:`~pyro_diffmvae.train.DiffMVAEModule` does in Lightning's loop:

@@ -1,5 +1,8 @@
 r"""The bound ledger: what was trained and what each reported number estimates (``metrics["ledger"]``).
 
+* ``model`` — the model preset's name and what it is (:func:`model_identity`): the paper's Diff-MVAE* or
+  Diff-MVAE, this library's Diff-MVAE*-v, or a baseline, and whether the run's weighting and prediction
+  target are the ones that name stands for;
 * ``objective`` — the training objective (its name and repr); ``is_bound`` —
   :meth:`~pyro_diffmvae.objectives.Objective.is_bound`: whether −loss estimates a lower bound on
   :math:`\log p(x)` (only the ELBO with β = 1, every λ_m = 1 and every diffusion decoder with the
@@ -25,7 +28,17 @@ from ..data.registry import get_dataset
 from ..objectives.base import Objective
 from .frechet import fd_feature_space
 
-__all__ = ["conditional_name", "trained_objective", "evaluation_networks", "bound_ledger"]
+__all__ = ["conditional_name", "trained_objective", "evaluation_networks", "bound_ledger", "model_identity",
+           "DIFFUSION_PRESETS"]
+
+#: the diffusion-decoder model presets: name -> (weighting, prediction target, what the name stands for)
+DIFFUSION_PRESETS = {
+    "diffmvae_star": ("simple", "eps", "the paper's Diff-MVAE*: the unweighted eps-MSE (not a bound), eps-prediction"),
+    "diffmvae": ("likelihood", "eps", "the paper's Diff-MVAE: the likelihood weighting lambda = g^2 (a bound), "
+                                      "eps-prediction"),
+    "diffmvae_star_v": ("v_mse", "v", "Diff-MVAE*-v, this library's recommended variant: the v-MSE weighting (not a "
+                                      "bound) with v-prediction; not the paper's objective"),
+}
 
 
 def trained_objective(vae, objective=None) -> Objective | None:
@@ -54,6 +67,28 @@ def conditional_name(vae) -> str:
     if fusion.conditional == "mixture":
         return f"mixture of the given experts (fusion {fusion.name})"
     return f"product of the given experts (fusion {fusion.name}, prior expert: {fusion.prior_expert})"
+
+
+def model_identity(cfg, vae=None) -> str:
+    """What the run's model preset ``cfg.model.name`` is, in words; for a diffusion preset whose weighting or
+    prediction target was changed (``weighting=...``, ``model.diffusion.prediction=...``) it says so, so that
+    no table calls a changed objective by the paper's name."""
+    name = cfg.model.get("name", "?")
+    if name not in DIFFUSION_PRESETS:
+        return f"{name}"
+    weighting, prediction, meaning = DIFFUSION_PRESETS[name]
+    if vae is not None and not any(m.is_diffusion for m in vae.modalities.values()):
+        return f"{name} with feed-forward decoders only (model.diffusion_decoders=false): not {meaning.split(':')[0]}"
+    ran_weighting = cfg.weighting.get("name") if cfg.weighting.get("fn") is None else f"custom ({cfg.weighting.fn})"
+    ran_prediction = cfg.model.diffusion.get("prediction", "eps")
+    changed = []
+    if ran_weighting != weighting:
+        changed.append(f"weighting {ran_weighting} instead of {weighting}: a different objective")
+    if ran_prediction != prediction:
+        changed.append(f"prediction {ran_prediction} instead of {prediction}: the same objective, another parameterisation")
+    if not changed:
+        return f"{name} — {meaning}"
+    return f"{name} as changed by this run ({'; '.join(changed)}) — the preset alone is {meaning}"
 
 
 def bound_ledger(vae, cfg, metrics: dict, objective=None) -> dict:
@@ -85,6 +120,7 @@ def bound_ledger(vae, cfg, metrics: dict, objective=None) -> dict:
             f"{'converging' if joint['converges'] else 'not converging'} to it as K grows")
     protocol = metrics.get("protocol", {})
     return {
+        "model": model_identity(cfg, vae),
         "objective": None if objective is None else getattr(objective, "name", type(objective).__name__),
         "objective_repr": None if objective is None else repr(objective),
         "is_bound": None if objective is None else bool(objective.is_bound(vae)),

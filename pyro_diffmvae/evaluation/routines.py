@@ -54,6 +54,8 @@ Its classifier (unless published) trains on the whole training split, validated 
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,14 +97,32 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     routine = dataset.evaluation.routine
     if routine not in ROUTINES:
         raise ValueError(f"data set {dataset.name!r}: unknown evaluation routine {routine!r}; known: {sorted(ROUTINES)}")
-    with channels_last(cfg.evaluation, vae):
+    with channels_last(cfg.evaluation, vae), guidance(vae, cfg.evaluation.get("guidance")) as weights:
         metrics = ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
         joint = joint_log_likelihood(vae, test_set, dataset.modalities(cfg), cfg.evaluation,
                                      _batch_size(cfg.evaluation), _device(vae))
     if joint is not None:
         metrics["joint_log_likelihood"] = joint
+    if weights:
+        metrics["guidance"] = weights
     metrics["ledger"] = bound_ledger(vae, cfg, metrics, objective)
     return metrics
+
+
+@contextlib.contextmanager
+def guidance(vae, w):
+    """Generate with guidance weight ``w`` in every diffusion decoder for the block (``None``: each decoder's
+    own); yields ``{modality: w in use}`` for the diffusion decoders (empty without any), restores on exit."""
+    decoders = {m: mod.decoder for m, mod in vae.modalities.items() if mod.is_diffusion}
+    before = {m: d.guidance for m, d in decoders.items()}
+    try:
+        if w is not None:
+            for d in decoders.values():
+                d.guidance = w
+        yield {m: d.guidance for m, d in decoders.items()}
+    finally:
+        for m, d in decoders.items():
+            d.guidance = before[m]
 
 
 def _prepare(vae, cfg, train_set) -> tuple[list[str], DatasetSpec, dict[str, ModalitySpec], LabelSpec]:

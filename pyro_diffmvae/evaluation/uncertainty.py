@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..metrics.fid import feature_statistics, frechet_distance
@@ -74,12 +73,39 @@ def fd_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(frechet_distance(m1, s1, m2, s2))
 
 
-def bootstrap_fd_se(real: torch.Tensor, fake: torch.Tensor, resamples: int, seed: int, paired: bool = True) -> float:
-    """Bootstrap SE of the FD of ``real`` against ``fake`` features: the same resampled examples for
+def bootstrap_fd_se(real: torch.Tensor, fake: torch.Tensor, resamples: int, seed: int, paired: bool = True,
+                    batch_values: int = 20_000_000) -> float:
+    r"""Bootstrap SE of the FD of ``real`` against ``fake`` features: the same resampled examples for
     both when ``paired`` (conditional generation: generated i belongs to test example i), else each
-    resampled on its own (unconditional samples; the fake indices from ``seed + 1``)."""
+    resampled on its own (unconditional samples; the fake indices from ``seed + 1``).
+
+    The resamples are computed in batches (float64): means, covariances (divisor n − 1) and
+    :math:`\operatorname{tr}(\Sigma_r\Sigma_f)^{1/2} = \sum_i\sqrt{\lambda_i(\Sigma_r^{1/2}\Sigma_f\Sigma_r^{1/2})}` by batched
+    symmetric eigendecompositions: the same numbers as :func:`fd_of_features` on each resample (to
+    round-off), 2–9x faster than one FD at a time. ``batch_values`` bounds the float64 values of one
+    batch of resampled features (default 2e7: 160 MB)."""
     idx_real = bootstrap_indices(real.shape[0], resamples, seed)
     idx_fake = idx_real if paired else bootstrap_indices(fake.shape[0], resamples, seed + 1)
-    r, f = real.double().numpy(), fake.double().numpy()
-    fds = [fd_of_features(r[i], f[j]) for i, j in zip(idx_real.numpy(), idx_fake.numpy())]
-    return float(np.std(fds, ddof=1))
+    r, f = real.detach().cpu().double(), fake.detach().cpu().double()
+    if not (torch.isfinite(r).all() and torch.isfinite(f).all()):
+        raise ValueError("bootstrap_fd_se: the features contain non-finite values")
+    chunk = max(1, int(batch_values // (max(r.shape[0], f.shape[0]) * r.shape[1])))  # resamples per batch
+    fds = []
+    for start in range(0, resamples, chunk):
+        rr, ff = r[idx_real[start:start + chunk]], f[idx_fake[start:start + chunk]]
+        mean_r, cov_r = _batched_statistics(rr)
+        mean_f, cov_f = _batched_statistics(ff)
+        w, v = torch.linalg.eigh(cov_r)
+        root_r = (v * w.clamp(min=0.0).sqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
+        m = root_r @ cov_f @ root_r
+        lam = torch.linalg.eigvalsh((m + m.transpose(-1, -2)) / 2).clamp(min=0.0)
+        trace = cov_r.diagonal(0, -2, -1).sum(-1) + cov_f.diagonal(0, -2, -1).sum(-1)
+        fds.append((mean_r - mean_f).pow(2).sum(-1) + trace - 2.0 * lam.sqrt().sum(-1))
+    return float(torch.cat(fds).std(unbiased=True))
+
+
+def _batched_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means ``(B, d)`` and covariances ``(B, d, d)`` (divisor n − 1) of ``(B, n, d)`` feature sets."""
+    mean = x.mean(1)
+    centred = x - mean.unsqueeze(1)
+    return mean, centred.transpose(1, 2) @ centred / (x.shape[1] - 1)
