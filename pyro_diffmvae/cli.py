@@ -489,7 +489,9 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict:
     vae, _ = load_run(cfg.checkpoint)
     train_set, _, test_set = build_datasets(cfg)
     _seed(cfg.seed)  # as diffmvae-train seeds its evaluation
+    start = time.time()
     metrics = evaluate(vae, test_set, train_set, cfg, out, objective=build_objective(cfg))
+    metrics["evaluation_seconds"] = round(time.time() - start, 1)
     save_metrics(metrics, out / "metrics.json")
     write_report(metrics, out / "report.md", title=f"evaluation of {cfg.checkpoint}")
     print(f"outputs in {out}")

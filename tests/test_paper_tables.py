@@ -177,3 +177,27 @@ def test_a_hydra_multirun_sweep_runs_each_job_in_its_own_directory_and_tables_re
     assert {m["training"]["objective"] for m in runs["tiny model=mvtcae"]} == {"mvtcae"}
     assert paper_tables.sweep_label(["experiment=polymnist_mopoe_cpu", "seed=1", "trainer.max_steps=600"]) == \
         "polymnist_mopoe_cpu"
+
+
+def test_guidance_table_reads_each_evaluation_with_its_sampler_and_weight(tmp_path, capsys):
+    """experiments/guidance_table.py, from hand-made metrics: catches a row that loses the guidance weight (a
+    guided and an unguided evaluation would read alike), an NFE without the Tweedie step, or SEs dropped."""
+    spec = importlib.util.spec_from_file_location("guidance_table", Path(__file__).resolve().parents[1] / "experiments" / "guidance_table.py")
+    guidance_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(guidance_table)
+    metrics = {"sampler": "dpmpp_2m", "sampler_steps": 9, "guidance": {"image": 2.0}, "fd_name": "FD_classifier",
+               "conditional": {"attributes": {"image_FD_classifier": 50.25, "image_FD_classifier_se": 1.5,
+                                              "image_label_f1": 0.61, "image_label_f1_se": 0.01},
+                               "image": {"attributes_f1": 0.7, "attributes_f1_se": 0.005}},
+               "unconditional": {"score": {"image_FD_classifier": 40.0, "agreement": 0.2, "agreement_se": 0.01}},
+               "joint_log_likelihood": {"supported": True, "nll_nats": 1234.56, "nll_nats_se": 7.0},
+               "evaluation_seconds": 321.0}
+    d = tmp_path / "p0.1_s0" / "eval_dpm10_w2.0"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    guidance_table.main([str(tmp_path)])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == ("| 0.1 | 0 | dpmpp_2m-9 | 10 | 2.0 | 50.2 ± 1.5 | 0.610 ± 0.010 | – | 0.700 ± 0.005 | 40.0 | – | "
+                   "0.200 ± 0.010 | – | 1234.6 ± 7.0 | 321.0 |")
+    with pytest.raises(SystemExit, match="no <OUT>"):
+        guidance_table.main([str(tmp_path / "p0.1_s0")])
