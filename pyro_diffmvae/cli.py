@@ -338,6 +338,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     from .prior import collect_latents
     from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer, run_checkpoints
     from .training.loggers import build_loggers, log_run_files
+    from .training.kl_warmup import KLWarmup
     from .training.run_log import FlushLogOnCheckpoint
 
     t = cfg.trainer
@@ -382,7 +383,8 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         precision=t.precision, default_root_dir=str(out), log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, strategy=t.strategy, num_nodes=t.num_nodes,
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
-        callbacks=[ckpt, StoreConfig(), interrupt, FlushLogOnCheckpoint()],
+        callbacks=[ckpt, StoreConfig(), interrupt, FlushLogOnCheckpoint(),
+                   *([KLWarmup(t.kl_warmup_steps)] if t.get("kl_warmup_steps", 0) else [])],
         logger=loggers,
         val_check_interval=min(t.val_every_n_steps, len(train_loader)), check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, use_distributed_sampler=False,

@@ -62,6 +62,7 @@ def test_every_preset_passes_the_settings_check(experiment):
     ("evaluation.loglik_examples=-1", "evaluation.loglik_examples=-1: must be an integer >= 0"),
     ("model.diffusion.sampler_steps=0", "model.diffusion.sampler_steps=0: must be a positive integer"),
     ("model.latent_dim=0", "model.latent_dim=0: must be a positive integer"),
+    ("trainer.kl_warmup_steps=-5", "trainer.kl_warmup_steps=-5: must be an integer >= 0"),
     ("model.diffusion.cond_dropout=1.0", "model.diffusion.cond_dropout=1.0: must be a probability in [0, 1)"),
     ("model.diffusion.guidance=-2", "model.diffusion.guidance=-2: must be a finite number >= 0"),
     ("evaluation.guidance=-1", "evaluation.guidance=-1: must be a finite number >= 0 or null"),
