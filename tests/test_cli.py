@@ -84,6 +84,23 @@ def test_v_variant_presets_differ_from_the_paper_presets_only_in_the_model():
         assert dict(v.model, name=None, diffusion=None) == dict(paper.model, name=None, diffusion=None)
 
 
+TABLE3_CPU = ["celebamask_hq_diffmvae_star_cpu", "celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_cpu",
+              "celebamask_hq_mopoe_star_cpu", "celebamask_hq_mopoe_cpu", "celebamask_hq_mvtcae_cpu", "celebamask_hq_mmvae_plus_cpu"]
+
+
+def test_the_cpu_table3_presets_differ_only_in_the_model():
+    # Issue 14 item 4: the same data, encoders, latent size and trainer for every row of the CPU Table 3.
+    # Catches a preset that changes the image size, the modalities, the latent or the budget of one model.
+    base = _compose(f"experiment={TABLE3_CPU[0]}")
+    for preset in TABLE3_CPU:
+        cfg = _compose(f"experiment={preset}")
+        for key in ("dataset", "trainer", "evaluation", "fusion", "latent_prior"):
+            assert cfg[key] == base[key], (preset, key)
+        assert (cfg.model.latent_dim, cfg.model.encoder_width, cfg.model.decoder_width) == (32, 32, 32), preset
+    assert [_compose(f"experiment={p}").model.name for p in TABLE3_CPU] == [
+        "diffmvae_star", "diffmvae_star_v", "diffmvae", "mopoe_star", "mopoe", "mvtcae", "mmvae_plus"]
+
+
 def test_train_evaluate_sample_end_to_end(tmp_path):
     common = [f"dataset.cache_dir={tmp_path}/cache", f"evaluation.classifier_cache={tmp_path}/cls"]
     res = run_app("train", "experiment=tiny", f"hydra.run.dir={tmp_path}/train", *common, cwd=tmp_path)
