@@ -176,6 +176,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "sample.prior": _one_of("score", "normal"),
     "sample.sampler": _sampler,
     "sample.steps": _positive_int,
+    "sample.guidance": _optional_non_negative_real,
 }
 
 

@@ -132,6 +132,10 @@ def test_train_evaluate_sample_end_to_end(tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
     from_pt, from_folder = (torch.load(tmp_path / n / "samples" / "samples.pt") for n in ("from_pt", "from_folder"))
     assert all(torch.equal(from_pt[k], from_folder[k]) for k in from_pt) and from_pt["image"].shape[0] == 4
+    # guidance needs a decoder trained with conditioning dropout: refused, by name, for this one
+    res = run_app("sample", f"checkpoint={run}/model.pt", "sample.guidance=2.0", f"hydra.run.dir={tmp_path}/guided",
+                  cwd=tmp_path)
+    assert res.returncode == 2 and "guidance 2.0 needs the unconditional network" in res.stderr
     # the same run directory is never overwritten
     res = run_app("train", "experiment=tiny", f"hydra.run.dir={run}", *common, cwd=tmp_path)
     assert res.returncode != 0 and "already holds results" in res.stderr
