@@ -242,7 +242,12 @@ def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
     for g in given:
         cols += [(f"attributes F1 given {g}", _get("conditional", g, "attributes_f1")),
                  (f"mask F1 given {g}", _get("conditional", g, "mask_f1")),
-                 (f"image {fd} given {g}", _get("conditional", g, f"image_{fd}"))]
+                 (f"image {fd} given {g}", _get("conditional", g, f"image_{fd}")),
+                 (f"attribute F1 of the image read back, given {g}", _get("conditional", g, "image_label_f1"))]
+    for prior, name in (("normal", "N(0,I)"), ("score", "score prior")):  # unconditional generation (paper: Table 3's last rows)
+        cols += [(f"image {fd} unconditional {name}", _get("unconditional", prior, f"image_{fd}")),
+                 (f"agreement unconditional {name}", _get("unconditional", prior, "agreement"))]
+    cols += [("train steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
     # keep the columns that some run has
     return [c for c in cols if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
 

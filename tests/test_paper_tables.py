@@ -38,12 +38,15 @@ def test_polymnist_table_mean_and_sample_std(tmp_path):
 def test_celebamask_table_columns_follow_the_given_subsets(tmp_path):
     out = tmp_path / "runs"
     _write(out, "celebamask_hq_diffmvae_star_cpu", 0, {"fd_name": "FD_classifier", "conditional": {
-        "image": {"attributes_f1": 0.8}, "attributes": {"image_FD_classifier": 12.5}}})
+        "image": {"attributes_f1": 0.8}, "attributes": {"image_FD_classifier": 12.5, "image_label_f1": 0.6}},
+        "unconditional": {"score": {"image_FD_classifier": 30.0, "agreement": 0.25}}, "training": {"train_seconds": 1800.0}})
     paper_tables.write_tables(out, tmp_path / "results")
     md = (tmp_path / "results" / "table3_celebamask_hq.md").read_text()
     header = [line for line in md.splitlines() if line.startswith("| preset")][0]
-    assert header == "| preset | image FD_classifier given attributes | attributes F1 given image |"
-    assert "| 12.500 ± 0.000 (1) | 0.800 ± 0.000 (1) |" in md
+    assert header == ("| preset | image FD_classifier given attributes | attribute F1 of the image read back, given attributes "
+                      "| attributes F1 given image | image FD_classifier unconditional score prior | agreement unconditional "
+                      "score prior | train s |")
+    assert "| 12.500 ± 0.000 (1) | 0.600 ± 0.000 (1) | 0.800 ± 0.000 (1) | 30.000 ± 0.000 (1) | 0.250 ± 0.000 (1) | 1800.000 ± 0.000 (1) |" in md
     assert not (tmp_path / "results" / "table1_cub.md").exists()  # no CUB runs, no CUB tables
     assert not (tmp_path / "results" / "table2_cub_clip.md").exists()
 
