@@ -2,6 +2,7 @@
 store) beside it, with the training scalars and, once the run is evaluated, its report and figures
 (issue 16, item 2). The W&B and MLflow tests skip where their packages are not installed."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -33,6 +34,11 @@ def test_tensorboard_gets_the_scalars_the_report_and_the_figures(tmp_path):
     tags = events.Tags()
     assert {"train/loss", "val/loss"} <= set(tags["scalars"])
     assert len(events.Scalars("train/loss")) == 6  # tiny: 6 steps, logged every step
+    # the ELBO's parts at the steps they were computed (tiny: every 2nd step), each once, to every logger;
+    # Lightning used to write the last parts again at every later step of the epoch (stale values)
+    assert [e.step for e in events.Scalars("train/kl")] == [0, 2, 4]
+    rows = list(csv.DictReader((run / "logs" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("train/kl")] == [0, 2, 4]
     assert {"loss_curves", "conditional", "unconditional"} <= set(tags["images"])
     assert any(t.startswith("report") for t in tags["tensors"])  # add_text is stored as a tensor summary
 

@@ -260,10 +260,14 @@ class DiffMVAEModule(L.LightningModule):
         if self.nonfinite == "skip":
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=B)
         if self.log_parts_every and self.global_step % self.log_parts_every == 0:
-            with torch.no_grad():
-                for key, value in self.objective.terms(self.vae, batch).items():
-                    if key != "loss":  # train/loss is the training step's own value
-                        self.log(f"train/{key}", value, batch_size=B)
+            with torch.no_grad():  # train/loss is the training step's own value
+                parts = {f"train/{k}": float(v) for k, v in self.objective.terms(self.vae, batch).items() if k != "loss"}
+            parts["epoch"] = self.current_epoch  # as Lightning's own rows have it
+            # Straight to the loggers, at this step only: logged with self.log on some steps, Lightning would write
+            # the last values again on every later logging step of the epoch (its result collection keeps an
+            # on_step value until the epoch ends), and metrics.csv would show stale parts as if measured.
+            for logger in self.loggers:
+                logger.log_metrics(parts, step=self.global_step)
         return total
 
     def _nonfinite(self, batch, batch_idx, B, loss, prior_loss, error, rng, cuda_rng):
