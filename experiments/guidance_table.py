@@ -44,9 +44,9 @@ def rows(out: Path) -> list[list[str]]:
     return table
 
 
-HEADER = ["cond. dropout p", "seed", "sampler", "NFE", "guidance w", "image FD | attributes",
-          "attribute F1 of the image | attributes", "attribute coherence of the image | attributes",
-          "attributes F1 | image", "uncond. FD (score prior)", "uncond. FD (N(0,I))", "uncond. agreement (score prior)",
+HEADER = ["cond. dropout p", "seed", "sampler", "NFE", "guidance w", "image FD given attributes",
+          "attribute F1 of the image given attributes", "attribute coherence of the image given attributes",
+          "attributes F1 given image", "uncond. FD (score prior)", "uncond. FD (N(0,I))", "uncond. agreement (score prior)",
           "uncond. agreement (N(0,I))", "joint NLL nats", "eval s"]
 
 
