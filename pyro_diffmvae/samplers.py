@@ -350,11 +350,11 @@ def sample_dpmpp_2m(
     device = device if device is not None else (z.device if z is not None else None)
     x = _initial_state(shape, x_T, device, dtype, generator)
     grid = _dpm_time_grid(sde, steps, spacing)
-    lam = sde.half_log_snr(torch.tensor(grid, dtype=torch.float64)).tolist()
+    grid_t = torch.tensor(grid, dtype=torch.float64)  # the schedule on the grid, once, in float64
+    lam, sigma, alpha = (f(grid_t).tolist() for f in (sde.half_log_snr, sde.sigma, sde.alpha))
     x0_prev, h_prev = None, None
     for i in range(steps):
-        t, t_next = grid[i], grid[i + 1]
-        tt = torch.full((shape[0],), t, device=x.device, dtype=x.dtype)
+        tt = torch.full((shape[0],), grid[i], device=x.device, dtype=x.dtype)
         eps = eps_net(x, z, tt)
         x0_hat = (x - right_pad(sde.sigma(tt), x) * eps) / right_pad(sde.alpha(tt), x)
         if x0_range is not None:
@@ -366,9 +366,7 @@ def sample_dpmpp_2m(
         else:
             r = h_prev / h
             d = (1.0 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
-        sigma_ratio = float(sde.sigma(torch.tensor(t_next, dtype=torch.float64)) / sde.sigma(torch.tensor(t, dtype=torch.float64)))
-        alpha_next = float(sde.alpha(torch.tensor(t_next, dtype=torch.float64)))
-        x = sigma_ratio * x - alpha_next * math.expm1(-h) * d
+        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
         x0_prev, h_prev = x0_hat, h
         if callback is not None:
             callback(i + 1, steps)
