@@ -197,6 +197,29 @@ def _clip_model(metrics: Mapping) -> str:
     return Path(str(path)).name if path else "none given"
 
 
+def what_ran(metrics: Mapping) -> str | None:
+    """A run's model and how its diffusion decoders were sampled, in one cell: ``"<model>, <bound | not a bound>"``
+    and, for a run with diffusion decoders, ``"; <sampler> <steps> steps"`` and the guidance weights other than 1
+    (from ``metrics["ledger"]``, ``["sampler"]``, ``["sampler_steps"]`` and ``["guidance"]``); ``None`` for a
+    run evaluated before the ledger existed."""
+    ledger = metrics.get("ledger")
+    if not isinstance(ledger, Mapping):
+        return None
+    cell = str(ledger.get("model", "?")).split(" — ")[0]
+    if ledger.get("is_bound") is not None:
+        cell += ", a bound" if ledger["is_bound"] else ", not a bound"
+    if ledger.get("diffusion_decoders"):
+        cell += f"; {metrics.get('sampler', '?')} {metrics.get('sampler_steps', '?')} steps"
+        weights = sorted({float(w) for w in (metrics.get("guidance") or {}).values() if float(w) != 1.0})
+        if weights:
+            cell += ", guidance w = " + "/".join(f"{w:g}" for w in weights)
+    return cell
+
+
+#: the first column of the tables after the preset: what each row ran (:func:`what_ran`)
+WHAT_RAN: Column = ("model; decoders' sampler", what_ran)
+
+
 def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
     """Rows ``[preset, "mean ± std (n)" ...]``; a value missing in every seed is "–"; a text column
     (its reader returns strings) lists the distinct values over the seeds."""
@@ -248,13 +271,15 @@ def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
         cols += [(f"image {fd} unconditional {name}", _get("unconditional", prior, f"image_{fd}")),
                  (f"agreement unconditional {name}", _get("unconditional", prior, "agreement"))]
     cols += [("train steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
+    cols.insert(0, WHAT_RAN)
     # keep the columns that some run has
     return [c for c in cols if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
 
 
 def _polymnist_coherence(runs: Mapping[str, list[dict]]) -> list[Column]:
     all_targets = [(f"{k} given (all targets)", _get("coherence_all_targets_by_num_given", str(k))) for k in range(1, 5)]
-    return [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
+    what = [WHAT_RAN] if any(what_ran(m) for seeds in runs.values() for m in seeds) else []
+    return what + [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
         ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
         ("unconditional score prior", _get("unconditional", "score", "agreement"))] + (
         all_targets if any("coherence_all_targets_by_num_given" in m for seeds in runs.values() for m in seeds) else [])

@@ -503,14 +503,14 @@ def run_evaluate(cfg: DictConfig, out: Path) -> dict:
 def run_sample(cfg: DictConfig, out: Path) -> Path:
     """Unconditional samples of ``cfg.checkpoint`` with ``cfg.sample``'s settings."""
     from .figures import figure_captions, save_unconditional_figure
-    from .evaluation.routines import guidance
+    from .guidance import guidance_weight
 
     if cfg.checkpoint is None:
         raise ValueError("diffmvae-sample needs checkpoint=<run dir>/model.pt")
     _seed(cfg.seed)
     vae, _ = load_run(cfg.checkpoint)
     s = cfg.sample
-    with guidance(vae, s.get("guidance")):
+    with guidance_weight(vae, s.get("guidance")):
         gen = vae.sample(s.num, prior=s.prior, sampler=s.sampler, steps=s.steps)
     (out / "samples").mkdir(parents=True)
     torch.save({k: v.cpu() for k, v in gen.items()}, out / "samples" / "samples.pt")

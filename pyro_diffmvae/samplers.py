@@ -228,6 +228,18 @@ def sample_probability_flow(
 
 
 @torch.no_grad()
+def _data_prediction(x: torch.Tensor, eps: torch.Tensor, alpha, sigma, x0_range) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon)/\alpha_t` and :math:`\hat\epsilon`; with ``x0_range=(low,
+    high)`` the prediction is clipped to the data range and :math:`\hat\epsilon` replaced by the one that matches
+    it, :math:`(x_t - \alpha_t\hat x_0)/\sigma_t` ("clip denoised" of Ho et al.'s code). ``alpha`` and ``sigma``
+    broadcast against ``x``."""
+    x0_hat = (x - sigma * eps) / alpha
+    if x0_range is None:
+        return x0_hat, eps
+    x0_hat = x0_hat.clamp(*x0_range)
+    return x0_hat, (x - alpha * x0_hat) / sigma
+
+
 def sample_ddim(
     eps_net: EpsNet,
     shape,
@@ -261,11 +273,7 @@ def sample_ddim(
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         tt = torch.full((shape[0],), t, device=x.device, dtype=x.dtype)
         eps = eps_net(x, z, tt)
-        alpha, sigma = sde.alpha(tt), sde.sigma(tt)
-        x0_hat = (x - right_pad(sigma, x) * eps) / right_pad(alpha, x)
-        if x0_range is not None:
-            x0_hat = x0_hat.clamp(*x0_range)
-            eps = (x - right_pad(alpha, x) * x0_hat) / right_pad(sigma, x)
+        x0_hat, eps = _data_prediction(x, eps, right_pad(sde.alpha(tt), x), right_pad(sde.sigma(tt), x), x0_range)
         tn = torch.full_like(tt, t_next)
         x = right_pad(sde.alpha(tn), x) * x0_hat + right_pad(sde.sigma(tn), x) * eps
         if callback is not None:
@@ -356,9 +364,7 @@ def sample_dpmpp_2m(
     for i in range(steps):
         tt = torch.full((shape[0],), grid[i], device=x.device, dtype=x.dtype)
         eps = eps_net(x, z, tt)
-        x0_hat = (x - right_pad(sde.sigma(tt), x) * eps) / right_pad(sde.alpha(tt), x)
-        if x0_range is not None:
-            x0_hat = x0_hat.clamp(*x0_range)
+        x0_hat, _ = _data_prediction(x, eps, right_pad(sde.alpha(tt), x), right_pad(sde.sigma(tt), x), x0_range)
         h = lam[i + 1] - lam[i]
         final_first_order = lower_order_final and steps < 15 and i == steps - 1
         if x0_prev is None or final_first_order:

@@ -228,5 +228,24 @@ def check_settings(cfg: DictConfig, app: str) -> None:
         must = rule(value)
         if must is not None:
             problems.append(f"{key}={value!r}: must be {must}")
+    if app == "train":
+        problems += _guidance_without_dropout(cfg)
     if problems:
         raise ValueError("bad settings (nothing was run):\n  " + "\n  ".join(problems))
+
+
+def _guidance_without_dropout(cfg: DictConfig) -> list[str]:
+    """``evaluation.guidance = w ≠ 1`` needs the null latent that only conditioning dropout
+    (``model.diffusion.cond_dropout > 0``) trains: without it the evaluation after training would refuse the
+    weight, after the whole training had run. (``diffmvae-evaluate`` and ``-sample`` read the trained model's
+    dropout from its checkpoint and refuse there, before generating anything.)"""
+    w = OmegaConf.select(cfg, "evaluation.guidance", default=None)
+    p = OmegaConf.select(cfg, "model.diffusion.cond_dropout", default=0.0)
+    diffusion = OmegaConf.select(cfg, "model.diffusion_decoders", default=False)
+    enabled = OmegaConf.select(cfg, "evaluation.enabled", default=True)
+    if (enabled and diffusion and isinstance(w, (int, float)) and not isinstance(w, bool) and w != 1
+            and isinstance(p, (int, float)) and p == 0):
+        return [f"evaluation.guidance={w!r}: needs a model trained with model.diffusion.cond_dropout > 0 (the null "
+                "latent of the unconditional half); this one trains with cond_dropout=0, so its evaluation would fail "
+                "after training"]
+    return []

@@ -101,6 +101,18 @@ def test_the_cpu_table3_presets_differ_only_in_the_model():
         "diffmvae_star", "diffmvae_star_v", "diffmvae", "mopoe_star", "mopoe", "mvtcae", "mmvae_plus"]
 
 
+def test_the_guided_table3_preset_differs_from_its_twin_only_in_dropout_and_guidance():
+    # The guided row of the CPU Table 3 must be Diff-MVAE*-v with conditioning dropout, evaluated at w = 2, and
+    # nothing else. Catches a guided preset that drops the dropout (guidance would then be refused), evaluates
+    # at another weight, or changes the data, the budget or the sampler of its row.
+    twin = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu")
+    guided = _compose("experiment=celebamask_hq_diffmvae_star_v_guided_cpu")
+    assert guided.model.diffusion.cond_dropout == 0.1 and twin.model.diffusion.cond_dropout == 0.0
+    assert guided.evaluation.guidance == 2.0 and twin.evaluation.guidance is None
+    guided.model.diffusion.cond_dropout, guided.evaluation.guidance = 0.0, None
+    assert guided == twin
+
+
 def test_train_evaluate_sample_end_to_end(tmp_path):
     common = [f"dataset.cache_dir={tmp_path}/cache", f"evaluation.classifier_cache={tmp_path}/cls"]
     res = run_app("train", "experiment=tiny", f"hydra.run.dir={tmp_path}/train", *common, cwd=tmp_path)

@@ -4,7 +4,7 @@ hand-computed combinations and binomial rates."""
 import pytest
 import torch
 
-from pyro_diffmvae.evaluation.routines import guidance as evaluation_guidance
+from pyro_diffmvae.guidance import guidance_weight
 from pyro_diffmvae.guidance import GuidedEps, drop_conditioning
 from pyro_diffmvae.modality import DiffusionDecoder, Modality
 from pyro_diffmvae.model import MultimodalVAE
@@ -114,11 +114,11 @@ def test_evaluation_guidance_sets_every_diffusion_decoder_and_restores_it():
 
     vae = MultimodalVAE([Modality("a", Enc(), _decoder(cond_dropout=0.1, latent_dim=2)),
                          Modality("b", Enc(), _decoder(cond_dropout=0.1, latent_dim=2))], latent_dim=2)
-    with evaluation_guidance(vae, 3.0) as weights:
+    with guidance_weight(vae, 3.0) as weights:
         assert weights == {"a": 3.0, "b": 3.0}
         assert vae.modalities["a"].decoder.guidance == 3.0
     assert vae.modalities["a"].decoder.guidance == 1.0 and vae.modalities["b"].decoder.guidance == 1.0
-    with evaluation_guidance(vae, None) as weights:
+    with guidance_weight(vae, None) as weights:
         assert weights == {"a": 1.0, "b": 1.0}
 
 

@@ -51,6 +51,24 @@ def test_celebamask_table_columns_follow_the_given_subsets(tmp_path):
     assert not (tmp_path / "results" / "table2_cub_clip.md").exists()
 
 
+def test_tables_say_what_each_row_ran_model_bound_sampler_and_guidance(tmp_path):
+    # Catches a table that hides the sampler or the guidance weight a diffusion row was evaluated with, calls
+    # a non-bound objective a bound, or prints the sampler for a feed-forward row (whose decoders use none).
+    out = tmp_path / "runs"
+    ledger = {"model": "diffmvae_star_v — Diff-MVAE*-v: v-MSE", "is_bound": False, "diffusion_decoders": {"image": {}}}
+    _write(out, "celebamask_hq_diffmvae_star_v_guided_cpu", 0, {
+        "ledger": ledger, "sampler": "dpmpp_2m", "sampler_steps": 9, "guidance": {"image": 2.0},
+        "conditional": {"image": {"attributes_f1": 0.8}}})
+    _write(out, "celebamask_hq_mopoe_cpu", 0, {
+        "ledger": {"model": "mopoe", "is_bound": True, "diffusion_decoders": {}}, "sampler": "ddim", "sampler_steps": 50,
+        "conditional": {"image": {"attributes_f1": 0.7}}})
+    paper_tables.write_tables(out, tmp_path / "results")
+    md = (tmp_path / "results" / "table3_celebamask_hq.md").read_text()
+    assert "| celebamask_hq_diffmvae_star_v_guided_cpu | diffmvae_star_v, not a bound; dpmpp_2m 9 steps, guidance w = 2 | 0.800" in md
+    assert "| celebamask_hq_mopoe_cpu | mopoe, a bound | 0.700" in md
+    assert paper_tables.what_ran({"sampler": "ddim"}) is None  # a run from before the ledger: no made-up label
+
+
 def test_unknown_table_is_named():
     with pytest.raises(ValueError, match="unknown table 'table9'"):
         paper_tables.table_columns("table9", {})

@@ -96,6 +96,18 @@ def test_every_problem_is_listed_at_once_and_sample_settings_are_checked_by_samp
     check_settings(composed("experiment=tiny"), "train")  # the defaults pass
 
 
+def test_evaluation_guidance_without_conditioning_dropout_is_refused_before_training():
+    """Catches: ``evaluation.guidance=2`` on a model trained without dropout passing the checks and failing
+    only in the evaluation after the whole training (the decoder has no null latent to guide with)."""
+    base = ("experiment=tiny", "model=diffmvae_star_v")
+    with pytest.raises(ValueError, match=r"evaluation.guidance=2.0: needs a model trained with model.diffusion.cond_dropout > 0"):
+        check_settings(composed(*base, "evaluation.guidance=2.0"), "train")
+    check_settings(composed(*base, "evaluation.guidance=2.0", "model.diffusion.cond_dropout=0.1"), "train")
+    check_settings(composed(*base, "evaluation.guidance=1.0"), "train")  # w = 1 is the plain decoder
+    check_settings(composed(*base, "evaluation.guidance=2.0", "evaluation.enabled=false"), "train")  # no evaluation
+    check_settings(composed("experiment=celebamask_hq_diffmvae_star_v_guided_cpu"), "train")
+
+
 def test_every_rule_names_a_key_of_the_base_config():
     """Catches: a rule for a key that was renamed (it would silently check nothing)."""
     cfg = composed("model=mld", "experiment=tiny")  # the two-stage keys exist only for two-stage models

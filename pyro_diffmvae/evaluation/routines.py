@@ -54,8 +54,6 @@ Its classifier (unless published) trains on the whole training split, validated 
 
 from __future__ import annotations
 
-import contextlib
-
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +69,7 @@ from ..model import MultimodalVAE
 from .clip import caption_scorer
 from .coherence import agree_per_example, factor_scores, pairwise_agreement
 from .frechet import feature_fids, frechet_distance
+from ..guidance import guidance_weight
 from .ledger import bound_ledger
 from .likelihood import diffusion_reconstruction_bound_bpd, joint_log_likelihood
 from .probe import latent_probe
@@ -97,7 +96,7 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     routine = dataset.evaluation.routine
     if routine not in ROUTINES:
         raise ValueError(f"data set {dataset.name!r}: unknown evaluation routine {routine!r}; known: {sorted(ROUTINES)}")
-    with channels_last(cfg.evaluation, vae), guidance(vae, cfg.evaluation.get("guidance")) as weights:
+    with channels_last(cfg.evaluation, vae), guidance_weight(vae, cfg.evaluation.get("guidance")) as weights:
         metrics = ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
         joint = joint_log_likelihood(vae, test_set, dataset.modalities(cfg), cfg.evaluation,
                                      _batch_size(cfg.evaluation), _device(vae))
@@ -107,22 +106,6 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
         metrics["guidance"] = weights
     metrics["ledger"] = bound_ledger(vae, cfg, metrics, objective)
     return metrics
-
-
-@contextlib.contextmanager
-def guidance(vae, w):
-    """Generate with guidance weight ``w`` in every diffusion decoder for the block (``None``: each decoder's
-    own); yields ``{modality: w in use}`` for the diffusion decoders (empty without any), restores on exit."""
-    decoders = {m: mod.decoder for m, mod in vae.modalities.items() if mod.is_diffusion}
-    before = {m: d.guidance for m, d in decoders.items()}
-    try:
-        if w is not None:
-            for d in decoders.values():
-                d.guidance = w
-        yield {m: d.guidance for m, d in decoders.items()}
-    finally:
-        for m, d in decoders.items():
-            d.guidance = before[m]
 
 
 def _prepare(vae, cfg, train_set) -> tuple[list[str], DatasetSpec, dict[str, ModalitySpec], LabelSpec]:
