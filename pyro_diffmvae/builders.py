@@ -40,6 +40,7 @@ from .fusion import Fusion, make_fusion
 from .model import MultimodalVAE
 from .networks import TEXT_NETS, build_decoder, build_encoder, optimus_codec, text_nets
 from .objectives import OBJECTIVES, Objective, make_objective
+from .nets.shared_unet import ModalityOffset
 from .nets.unet import ConditionalUNet
 from .prior import LatentMLP, LatentScorePrior
 from .sde import VPSDE
@@ -71,7 +72,10 @@ def modality_specs(cfg: DictConfig) -> dict[str, dict]:
     return {m: specs[m].as_dict() for m in cfg.dataset.modalities}
 
 
-def _decoder(name: str, spec: dict, cfg: DictConfig):
+def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None = None):
+    """The decoder of modality ``name``: a diffusion decoder for ``dataset.diffusion_modalities`` (its UNet
+    taken from ``shared_unets`` by image shape, and made there if missing, when ``model.unet.shared``: see
+    :mod:`~pyro_diffmvae.nets.shared_unet`), else :func:`build_decoder`'s feed-forward one."""
     m = cfg.model
     D = m.latent_dim
     shape = spec["shape"]
@@ -82,11 +86,23 @@ def _decoder(name: str, spec: dict, cfg: DictConfig):
         if len(shape) != 3:
             raise ValueError(f"modality {name!r}: diffusion decoders are for images, its shape is {shape}")
         u = m.unet
-        unet = ConditionalUNet(
-            in_channels=shape[0], image_size=shape[1], z_dim=D, base_channels=u.base_channels,
-            channel_mults=tuple(u.channel_mults), num_res_blocks=u.num_res_blocks,
-            attention_resolutions=tuple(u.attention_resolutions), z_spatial_channels=u.z_spatial_channels,
-        )
+
+        def make_unet():
+            return ConditionalUNet(
+                in_channels=shape[0], image_size=shape[1], z_dim=D, base_channels=u.base_channels,
+                channel_mults=tuple(u.channel_mults), num_res_blocks=u.num_res_blocks,
+                attention_resolutions=tuple(u.attention_resolutions), z_spatial_channels=u.z_spatial_channels,
+            )
+        if u.get("shared", False):
+            if shared_unets is None:
+                raise ValueError("model.unet.shared=true needs the UNets shared across the model's decoders "
+                                 "(build the model with build_model)")
+            key = tuple(shape)
+            if key not in shared_unets:
+                shared_unets[key] = make_unet()
+            unet = ModalityOffset(shared_unets[key], D)
+        else:
+            unet = make_unet()
         diff = m.diffusion
         return DiffusionDecoder(
             unet, shape, VPSDE(beta_min=diff.beta_min, beta_max=diff.beta_max), weighting=build_weighting(cfg),
@@ -109,11 +125,13 @@ def build_model(cfg: DictConfig) -> MultimodalVAE:
     if unknown:
         raise ValueError(f"diffusion_modalities {unknown} are not modalities of the data set {sorted(specs)}")
     weights = OmegaConf.to_container(cfg.model.likelihood_weights)
+    shared_unets: dict = {}  # image shape -> the UNet of model.unet.shared
     if cfg.model.get("objective", "elbo") == "mmvae_plus":
-        modalities = _mmvae_plus_modalities(specs, cfg, weights)
+        modalities = _mmvae_plus_modalities(specs, cfg, weights, shared_unets)
     else:
         modalities = [
-            Modality(name, build_encoder(name, spec, cfg), _decoder(name, spec, cfg), weight=float(weights.get(name, 1.0)))
+            Modality(name, build_encoder(name, spec, cfg), _decoder(name, spec, cfg, shared_unets),
+                     weight=float(weights.get(name, 1.0)))
             for name, spec in specs.items()
         ]
     if cfg.model.get("two_stage", None):  # SBM-VAE-C / MLD: one latent of size latent_dim per modality
@@ -137,7 +155,7 @@ def _with_latent_dim(cfg: DictConfig, latent_dim: int) -> DictConfig:
     return out
 
 
-def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping) -> list[Modality]:
+def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping, shared_unets: dict) -> list[Modality]:
     """MMVAE+ modalities: shared + private encoders and decoders over ``[z, w]`` of size
     ``latent_dim + private_latent_dim`` (see :class:`~pyro_diffmvae.objectives.MMVAEPlus`)."""
     from .nets.mmvae_plus import PrivateLatentDecoder, SharedPrivateEncoder
@@ -149,7 +167,7 @@ def _mmvae_plus_modalities(specs: dict, cfg: DictConfig, weights: Mapping) -> li
     cfg_w, cfg_u = _with_latent_dim(cfg, Dw), _with_latent_dim(cfg, D + Dw)
     return [
         Modality(name, SharedPrivateEncoder(build_encoder(name, spec, cfg), build_encoder(name, spec, cfg_w)),
-                 PrivateLatentDecoder(_decoder(name, spec, cfg_u), D, Dw), weight=float(weights.get(name, 1.0)))
+                 PrivateLatentDecoder(_decoder(name, spec, cfg_u, shared_unets), D, Dw), weight=float(weights.get(name, 1.0)))
         for name, spec in specs.items()
     ]
 
@@ -178,12 +196,12 @@ def model_from_weights(cfg: DictConfig, weights: Mapping, source, what: str):
     """The model ``cfg`` builds, with a latent prior when ``weights`` hold one, loaded strictly from
     ``weights`` (a mismatch names ``source`` and the keys) and in eval mode: how every saved model is
     read back (``model.pt``, a Lightning checkpoint, a pretrained folder)."""
-    from .io import load_state_dict_strict
+    from .io import load_state_dict_strict, with_tied_weights
 
     vae = build_model(cfg)
     if any(k.startswith("latent_prior.") for k in weights):
         vae.latent_prior = build_latent_prior(cfg)
-    load_state_dict_strict(vae, weights, source, what)
+    load_state_dict_strict(vae, with_tied_weights(vae, weights), source, what)
     return vae.eval()
 
 

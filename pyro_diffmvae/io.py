@@ -126,6 +126,33 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tenso
     return dict(state)
 
 
+def tied_weight_names(module: nn.Module) -> dict[str, str]:
+    """``{alias: canonical}`` for every state-dict entry of ``module`` that is the same tensor as an earlier
+    one (a network shared by several modules, e.g. ``model.unet.shared``); the first name in state-dict
+    order is the canonical one. Empty when nothing is tied."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases
+
+
+def without_tied_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the aliases of :func:`tied_weight_names` (safetensors stores each tensor once and
+    refuses two names for one tensor); :func:`with_tied_weights` puts them back."""
+    aliases = tied_weight_names(module)
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def with_tied_weights(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state`` with every alias of ``module``'s tied weights that it lacks filled from its canonical entry
+    (the inverse of :func:`without_tied_weights`); unchanged when ``module`` ties nothing."""
+    missing = {a: c for a, c in tied_weight_names(module).items() if a not in state and c in state}
+    return {**state, **{a: state[c] for a, c in missing.items()}} if missing else state
+
+
 def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                            what: str) -> nn.Module:
     """``module.load_state_dict(state, strict=True)``, a mismatch a :class:`ValueError` naming ``path``

@@ -2,7 +2,8 @@
 
 :func:`save_pretrained` writes, into one folder,
 
-* ``model.safetensors`` — every weight of the VAE (:meth:`torch.nn.Module.state_dict`): encoders,
+* ``model.safetensors`` — every weight of the VAE (:meth:`torch.nn.Module.state_dict`; a tensor tied to
+  several names, the UNet of ``model.unet.shared``, once, under its first name): encoders,
   decoders (the EMA-averaged diffusion decoders when the run kept an EMA: training copies the average
   into them at its end) and the latent score prior (or a two-stage model's stage 2) once attached;
 * ``config.json`` — ``{"format": "pyro-diffmvae", "format_version": 1, "library_version": ...,
@@ -63,6 +64,8 @@ def save_pretrained(vae, folder: str | os.PathLike, config: DictConfig | dict) -
     Refuses a folder that already holds a model (nothing is overwritten). Returns the folder."""
     from safetensors.torch import save_file
 
+    from .io import without_tied_weights
+
     folder = Path(folder)
     clash = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (folder / n).exists()]
     if clash:
@@ -72,7 +75,7 @@ def save_pretrained(vae, folder: str | os.PathLike, config: DictConfig | dict) -
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
             "latent_prior": getattr(vae, "latent_prior", None) is not None, "config": config}
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in without_tied_weights(vae, vae.state_dict()).items()}
     tmp = folder / (WEIGHTS_NAME + ".tmp")
     save_file(weights, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     os.replace(tmp, folder / WEIGHTS_NAME)

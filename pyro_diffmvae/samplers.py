@@ -289,7 +289,7 @@ DPM_SPACINGS = ("quadratic", "time", "logsnr", "karras")
 
 
 def _dpm_time_grid(sde: VPSDE, steps: int, spacing: str) -> list[float]:
-    """``steps + 1`` times from T down to ε (float64): uniform in :math:`\sqrt t` (``"quadratic"``), in t
+    r"""``steps + 1`` times from T down to ε (float64): uniform in :math:`\sqrt t` (``"quadratic"``), in t
     (``"time"``), in λ (``"logsnr"``) or Karras et al.'s ρ = 7 spacing of :math:`e^{-\lambda}` (``"karras"``)."""
     ends = torch.tensor([sde.T, sde.eps], dtype=torch.float64)
     if spacing == "time":

@@ -91,6 +91,10 @@ def _optional_duration(value) -> str | None:
     return 'null or a positive duration "DD:HH:MM:SS" (e.g. "00:00:10:00" for ten minutes)'
 
 
+def _boolean(value) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
 def _one_of(*choices: str) -> Callable[[object], str | None]:
     def check(value) -> str | None:
         return None if value in choices else f"one of {list(choices)}"
@@ -148,6 +152,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "model.diffusion.sampler_steps": _positive_int,
     "model.diffusion.num_draws": _positive_int,
     "model.diffusion.cond_dropout": _probability_below_one,
+    "model.unet.shared": _boolean,
     "model.diffusion.guidance": _non_negative_real,
     "model.two_stage.sampler": _sampler,
     "model.two_stage.sampler_steps": _positive_int,
