@@ -105,11 +105,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def collect(out: Path) -> dict[str, list[dict]]:
     """``{preset: [metrics of each seed]}`` from ``<out>/<preset>/seed*/metrics.json`` (this script's
-    runs) and from ``<out>/<job>/metrics.json`` (a hydra multirun sweep, ``diffmvae-train -m``), whose
+    runs), from ``<out>/<preset>/seed*/eval_<label>/metrics.json`` (a trained run evaluated again with
+    other settings, ``diffmvae-evaluate ... hydra.run.dir=<run>/eval_<label>``: row ``"<preset> [<label>]"``,
+    with the run's training figures) and from ``<out>/<job>/metrics.json`` (a hydra multirun sweep, ``diffmvae-train -m``), whose
     rows are named by :func:`sweep_label`."""
     found: dict[str, list[dict]] = {}
     for path in sorted(out.glob("*/seed*/metrics.json")):
         found.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+    for path in sorted(out.glob("*/seed*/eval_*/metrics.json")):  # re-evaluations of a trained run (diffmvae-evaluate)
+        run = path.parent.parent
+        metrics = json.loads(path.read_text())
+        trained = run / "metrics.json"
+        if "training" not in metrics and trained.is_file():  # the model's training is the run's
+            metrics["training"] = json.loads(trained.read_text()).get("training")
+        found.setdefault(f"{run.parent.name} [{path.parent.name[len('eval_'):]}]", []).append(metrics)
     for path in sorted(out.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
         overrides = path.parent / ".hydra" / "overrides.yaml"
         if overrides.is_file():

@@ -69,6 +69,22 @@ def test_tables_say_what_each_row_ran_model_bound_sampler_and_guidance(tmp_path)
     assert paper_tables.what_ran({"sampler": "ddim"}) is None  # a run from before the ledger: no made-up label
 
 
+def test_a_run_evaluated_again_is_its_own_row_with_the_runs_training_figures(tmp_path):
+    # Catches: re-evaluations (e.g. another guidance weight) silently merged into the run's row as a second
+    # "seed", or read without the steps and seconds of the training they evaluate.
+    out = tmp_path / "runs"
+    _write(out, "celebamask_hq_diffmvae_star_v_guided_cpu", 0, {
+        "conditional": {"image": {"attributes_f1": 0.8}}, "training": {"steps": 3600, "train_seconds": 1800.0}})
+    again = out / "celebamask_hq_diffmvae_star_v_guided_cpu" / "seed0" / "eval_w1"
+    again.mkdir()
+    (again / "metrics.json").write_text(json.dumps({"conditional": {"image": {"attributes_f1": 0.6}}}))
+    runs = paper_tables.collect(out)
+    assert sorted(runs) == ["celebamask_hq_diffmvae_star_v_guided_cpu", "celebamask_hq_diffmvae_star_v_guided_cpu [w1]"]
+    assert [m["conditional"]["image"]["attributes_f1"] for m in runs["celebamask_hq_diffmvae_star_v_guided_cpu [w1]"]] == [0.6]
+    assert runs["celebamask_hq_diffmvae_star_v_guided_cpu [w1]"][0]["training"] == {"steps": 3600, "train_seconds": 1800.0}
+    assert len(runs["celebamask_hq_diffmvae_star_v_guided_cpu"]) == 1
+
+
 def test_unknown_table_is_named():
     with pytest.raises(ValueError, match="unknown table 'table9'"):
         paper_tables.table_columns("table9", {})
