@@ -418,7 +418,8 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
     presets = {f"{dataset}_{m}_cpu" for m in models}
     protocol = table_protocol(table, {p: s for p, s in runs.items() if p in presets})
     layout = ZOO_LAYOUTS.get(table, ZooLayout())
-    columns: list[Column] = [("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
+    columns: list[Column] = [WHAT_RAN] if any(what_ran(m) for p in presets for m in runs.get(p, [])) else []
+    columns += [("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
     columns += layout.columns(fd)
     columns += [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
                 ("unconditional score prior", _get("unconditional", "score", "agreement"))]

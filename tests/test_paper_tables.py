@@ -65,6 +65,9 @@ def test_tables_say_what_each_row_ran_model_bound_sampler_and_guidance(tmp_path)
     paper_tables.write_tables(out, tmp_path / "results")
     md = (tmp_path / "results" / "table3_celebamask_hq.md").read_text()
     assert "| celebamask_hq_diffmvae_star_v_guided_cpu | diffmvae_star_v, not a bound; dpmpp_2m 9 steps, guidance w = 2 | 0.800" in md
+    _write(out, "polymnist_mopoe_cpu", 0, {"ledger": {"model": "mopoe", "is_bound": True}, "training": {"steps": 600}})
+    paper_tables.write_zoo_table(out, tmp_path / "results", "polymnist", ["mopoe"])
+    assert "| mopoe | mopoe, a bound | 600.000 ± 0.000 (1) |" in (tmp_path / "results" / "zoo_polymnist.md").read_text()
     assert "| celebamask_hq_mopoe_cpu | mopoe, a bound | 0.700" in md
     assert paper_tables.what_ran({"sampler": "ddim"}) is None  # a run from before the ledger: no made-up label
 
