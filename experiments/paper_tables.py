@@ -169,14 +169,18 @@ def table_protocol(table: str, runs: Mapping[str, list[dict]]) -> str:
     return next(iter(by_protocol), UNNAMED_PROTOCOL)
 
 
-def _get(*keys: str) -> Callable[[Mapping], float | None]:
+def _get(*keys: str, with_se: bool = True) -> Callable[[Mapping], float | None]:
+    """A reader of ``metrics[k1][k2]...``; its ``se`` attribute reads the run's own standard error beside it
+    (``...[kn + "_se"]``), which :func:`build_table` shows for a row of one seed."""
     def read(metrics: Mapping):
         node = metrics
         for k in keys:
             if not isinstance(node, Mapping) or k not in node:
                 return None
             node = node[k]
-        return float(node) if isinstance(node, (int, float)) else None
+        return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+    if with_se:
+        read.se = _get(*keys[:-1], keys[-1] + "_se", with_se=False)
     return read
 
 
@@ -230,17 +234,22 @@ WHAT_RAN: Column = ("model; decoders' sampler", what_ran)
 
 
 def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
-    """Rows ``[preset, "mean ± std (n)" ...]``; a value missing in every seed is "–"; a text column
-    (its reader returns strings) lists the distinct values over the seeds."""
+    """Rows ``[preset, "mean ± std (n)" ...]``; a value of one seed with its run's standard error (a reader's
+    ``se``) is ``"value [SE se] (1)"``; a value missing in every seed is "–"; a text column (its reader returns
+    strings) lists the distinct values over the seeds."""
     rows = []
     for preset, seeds in sorted(runs.items()):
         row = [preset]
         for _, read in columns:
-            vals = [v for v in (read(m) for m in seeds) if v is not None]
+            found = [(v, m) for v, m in ((read(m), m) for m in seeds) if v is not None]
+            vals = [v for v, _ in found]
+            se = read.se(found[0][1]) if len(found) == 1 and hasattr(read, "se") else None
             if not vals:
                 row.append("–")
             elif all(isinstance(v, str) for v in vals):
                 row.append(" / ".join(sorted(set(vals))))
+            elif se is not None:
+                row.append(f"{vals[0]:.3f} [SE {se:.3f}] (1)")
             else:
                 mean, std = _mean_std(vals)
                 row.append(f"{mean:.3f} ± {std:.3f} ({len(vals)})")
@@ -349,7 +358,8 @@ def write_tables(out: Path, results: Path) -> list[Path]:
         rows = build_table(selected, columns)
         header = ["preset"] + [name for name, _ in columns]
         written += _write_table(results, kind, f"{kind}, evaluation protocol {protocol} (mean ± std over seeds, "
-                                "number of seeds in brackets)", header, rows, table_notes(kind, selected))
+                                "number of seeds in brackets; [SE ...]: one seed, with its run's standard error)",
+                                header, rows, table_notes(kind, selected))
     return written
 
 

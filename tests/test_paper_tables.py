@@ -88,6 +88,21 @@ def test_a_run_evaluated_again_is_its_own_row_with_the_runs_training_figures(tmp
     assert len(runs["celebamask_hq_diffmvae_star_v_guided_cpu"]) == 1
 
 
+def test_a_single_seed_shows_its_runs_standard_error_and_two_seeds_their_spread(tmp_path):
+    # Catches: a one-seed cell printed as "± 0.000" (a spread of zero that says nothing), or a run's SE shown
+    # as if it were the spread over seeds.
+    out = tmp_path / "runs"
+    _write(out, "celebamask_hq_mopoe_cpu", 0, {"fd_name": "FD_classifier", "conditional": {
+        "attributes": {"image_FD_classifier": 40.0, "image_FD_classifier_se": 1.5}}})
+    for seed, fd in enumerate([20.0, 24.0]):
+        _write(out, "celebamask_hq_mopoe_star_cpu", seed, {"fd_name": "FD_classifier", "conditional": {
+            "attributes": {"image_FD_classifier": fd, "image_FD_classifier_se": 1.0}}})
+    paper_tables.write_tables(out, tmp_path / "results")
+    md = (tmp_path / "results" / "table3_celebamask_hq.md").read_text()
+    assert "| celebamask_hq_mopoe_cpu | 40.000 [SE 1.500] (1) |" in md
+    assert "| celebamask_hq_mopoe_star_cpu | 22.000 ± 2.828 (2) |" in md  # sample std of 20 and 24
+
+
 def test_unknown_table_is_named():
     with pytest.raises(ValueError, match="unknown table 'table9'"):
         paper_tables.table_columns("table9", {})
