@@ -101,6 +101,20 @@ def test_the_cpu_table3_presets_differ_only_in_the_model():
         "diffmvae_star", "diffmvae_star_v", "diffmvae", "mopoe_star", "mopoe", "mvtcae", "mmvae_plus"]
 
 
+def test_the_polymnist_lever_presets_differ_from_their_twin_only_in_the_lever():
+    # Catches a lever preset of issue 14's PolyMNIST table that also changes the data, budget, sizes or
+    # evaluation of its row (its numbers would then not measure the lever).
+    twin = _compose("experiment=polymnist_diffmvae_star_v_cpu")
+    shared = _compose("experiment=polymnist_diffmvae_star_v_shared_cpu")
+    guided = _compose("experiment=polymnist_diffmvae_star_v_shared_guided_cpu")
+    assert shared.model.unet.shared is True and twin.model.unet.shared is False
+    assert (guided.model.diffusion.cond_dropout, guided.evaluation.guidance) == (0.1, 2.0)
+    guided.model.diffusion.cond_dropout, guided.evaluation.guidance = 0.0, None
+    assert guided == shared
+    shared.model.unet.shared = False
+    assert shared == twin
+
+
 def test_the_guided_table3_preset_differs_from_its_twin_only_in_dropout_and_guidance():
     # The guided row of the CPU Table 3 must be Diff-MVAE*-v with conditioning dropout, evaluated at w = 2, and
     # nothing else. Catches a guided preset that drops the dropout (guidance would then be refused), evaluates
