@@ -110,3 +110,35 @@ def test_the_key_must_be_a_boolean():
         with pytest.raises(ValueError, match=r"model.unet.shared=.*must be true or false"):
             check_settings(_cfg(bad), "train")
     assert tied_weight_names(build_model(_cfg())) == {}  # unshared: nothing tied
+
+
+def test_the_ema_of_a_shared_unet_is_the_ema_of_its_weights(tmp_path):
+    # Each modality keeps its own average of the (shared) network; they see the same weights after every step,
+    # so all averages agree and copying them back in at the end gives the EMA of the shared weights.
+    # Catches: averages that drift apart (e.g. updated from different networks) or a copy-back that leaves the
+    # shared network at its last iterate or at one modality's stale average.
+    import lightning as L
+    import pyro
+    from torch.utils.data import DataLoader
+
+    from pyro_diffmvae.train import DiffMVAEModule, make_trainer
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = build_model(_cfg("model.unet.shared=true", "model.unet.channel_mults=[1]", "model.unet.base_channels=8"))
+    module = DiffMVAEModule(vae, lr=1e-2, ema_decay=0.5)
+    net = _unet(vae, "m0")
+    snapshots = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append([p.detach().clone() for p in net.parameters()])
+
+    data = [{m: torch.rand(3, 28, 28) * 2 - 1 for m in IMAGES} for _ in range(8)]
+    trainer = make_trainer(max_steps=3, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                           enable_checkpointing=False, logger=False, callbacks=[Record()])
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    expected = [0.25 * a + 0.25 * b + 0.5 * c for a, b, c in zip(*snapshots)]  # decay 0.5 over w1, w2, w3
+    for p, e in zip(net.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e)
+    assert all(_unet(vae, m) is net for m in IMAGES)  # still one network after the copy-back
