@@ -235,7 +235,8 @@ WHAT_RAN: Column = ("model; decoders' sampler", what_ran)
 
 def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
     """Rows ``[preset, "mean ± std (n)" ...]``; a value of one seed with its run's standard error (a reader's
-    ``se``) is ``"value [SE se] (1)"``; a value missing in every seed is "–"; a text column (its reader returns
+    ``se``) is ``"value [SE se] (1)"``, without one ``"value (1)"`` (whole numbers such as steps without
+    decimals); a value missing in every seed is "–"; a text column (its reader returns
     strings) lists the distinct values over the seeds."""
     rows = []
     for preset, seeds in sorted(runs.items()):
@@ -250,6 +251,8 @@ def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> li
                 row.append(" / ".join(sorted(set(vals))))
             elif se is not None:
                 row.append(f"{vals[0]:.3f} [SE {se:.3f}] (1)")
+            elif len(vals) == 1:  # one seed and no SE: the value alone (a spread of 0 would say nothing)
+                row.append(f"{vals[0]:.0f} (1)" if float(vals[0]).is_integer() else f"{vals[0]:.3f} (1)")
             else:
                 mean, std = _mean_std(vals)
                 row.append(f"{mean:.3f} ± {std:.3f} ({len(vals)})")
@@ -358,7 +361,8 @@ def write_tables(out: Path, results: Path) -> list[Path]:
         rows = build_table(selected, columns)
         header = ["preset"] + [name for name, _ in columns]
         written += _write_table(results, kind, f"{kind}, evaluation protocol {protocol} (mean ± std over seeds, "
-                                "number of seeds in brackets; [SE ...]: one seed, with its run's standard error)",
+                                "number of seeds in brackets; [SE ...]: one seed, with its run's standard error; a value "
+                                "alone: one seed)",
                                 header, rows, table_notes(kind, selected))
     return written
 
