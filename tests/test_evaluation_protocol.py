@@ -223,11 +223,14 @@ UNIT_WEIGHTS = "model.likelihood_weights={mask: 1.0, attributes: 1.0}"
 
 
 @pytest.mark.parametrize("weighting, extra, bound", [("likelihood", [UNIT_WEIGHTS], True), ("simple", [UNIT_WEIGHTS], False),
-                                                     ("v_mse", [UNIT_WEIGHTS], False), ("likelihood", [], False)])
+                                                     ("v_mse", [UNIT_WEIGHTS], False), ("likelihood", [], False),
+                                                     ("likelihood", [UNIT_WEIGHTS, "model.beta=2.5"], True),
+                                                     ("likelihood", [UNIT_WEIGHTS, "model.beta=0.5"], False)])
 def test_the_ledger_says_whether_the_trained_objective_is_a_bound(weighting, extra, bound, tmp_path):
     """Catches: a ledger that reports a bound for a non-bound weighting (Diff-MVAE*, simple or v_mse),
-    or for the likelihood weighting with the shapes preset's λ_mask = 3, λ_attributes = 10, or none for
-    the likelihood weighting with unit λ; a missing weighting name or prediction target; a
+    or for the likelihood weighting with the shapes preset's λ_mask = 3, λ_attributes = 10, or with β < 1
+    (it can exceed log p(x)), or none for the likelihood weighting with unit λ, at β = 1 or β = 2.5 (below the
+    ELBO: a looser bound, MoPoE's setting); a missing weighting name or prediction target; a
     conditional not read from the model."""
     from hydra import compose, initialize_config_module
 
@@ -241,7 +244,7 @@ def test_the_ledger_says_whether_the_trained_objective_is_a_bound(weighting, ext
     ledger = bound_ledger(vae, cfg, metrics, build_objective(cfg))
     assert ledger["is_bound"] is bound
     assert bound_ledger(vae, cfg, metrics)["is_bound"] is bound  # the objective bound to vae.conditional
-    assert ledger["objective"] == "elbo" and ledger["beta"] == 1.0 and ledger["protocol"] == "standard"
+    assert ledger["objective"] == "elbo" and ledger["beta"] == cfg.model.beta and ledger["protocol"] == "standard"
     (m, decoder), = ledger["diffusion_decoders"].items()
     assert decoder["weighting"] == weighting and decoder["prediction"] == cfg.model.diffusion.prediction
     assert ledger["conditional"].startswith("product of the given experts (fusion mopoe")

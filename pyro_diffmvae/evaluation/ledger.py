@@ -5,7 +5,7 @@ r"""The bound ledger: what was trained and what each reported number estimates (
   target are the ones that name stands for;
 * ``objective`` — the training objective (its name and repr); ``is_bound`` —
   :meth:`~pyro_diffmvae.objectives.Objective.is_bound`: whether −loss estimates a lower bound on
-  :math:`\log p(x)` (only the ELBO with β = 1, every λ_m = 1 and every diffusion decoder with the
+  :math:`\log p(x)` (only the ELBO with β ≥ 1, every λ_m = 1 and every diffusion decoder with the
   likelihood weighting, and the baselines' bound cases);
 * ``beta``, ``likelihood_weights`` (λ_m), and for each diffusion decoder its λ(t) weighting and
   prediction target (``diffusion_decoders``);

@@ -49,7 +49,7 @@ code they follow.
 from __future__ import annotations
 
 from .base import (CallableObjective, Objective, as_objective, mixture_of_experts_posterior,
-                   product_of_experts_posterior, weights_are_unit)
+                   product_of_experts_posterior, weights_are_unit, beta_elbo_is_bound)
 from .gaussian import ESTIMATORS
 from .mmvae import MMVAE
 from .mmvae_plus import MMVAEPlus
@@ -76,6 +76,7 @@ __all__ = [
     "product_of_experts_posterior",
     "mixture_of_experts_posterior",
     "weights_are_unit",
+    "beta_elbo_is_bound",
     "SharedPrivateEncoder",
     "PrivateLatentDecoder",
 ]

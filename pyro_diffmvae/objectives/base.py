@@ -32,7 +32,7 @@ import torch
 from ..fusion import mixture_of_experts, poe
 
 __all__ = ["Objective", "CallableObjective", "as_objective", "product_of_experts_posterior",
-           "mixture_of_experts_posterior", "weights_are_unit"]
+           "mixture_of_experts_posterior", "weights_are_unit", "beta_elbo_is_bound"]
 
 
 class Objective:
@@ -116,3 +116,12 @@ def weights_are_unit(vae, beta: float) -> bool:
     importance-weighted or variational objective bounds log p(x)."""
     return beta == 1.0 and all(
         m.weight == 1.0 and bool(getattr(m.decoder, "is_bound", True)) for m in vae.modalities.values())
+
+
+def beta_elbo_is_bound(vae, beta: float) -> bool:
+    r"""Whether a β-weighted ELBO, :math:`E_q[\log p(x\mid z)] - \beta\,\mathrm{KL}(q\Vert p)`, bounds log p(x):
+    for β ≥ 1 it lies below the ELBO (the KL is non-negative), so it is a (looser) bound when the likelihoods
+    are unweighted and every decoder's ``log_prob`` bounds its log-likelihood (:func:`weights_are_unit`
+    with β = 1); β < 1 can exceed log p(x). Importance-weighted estimators put β inside the log-mean-exp,
+    where β > 1 is no bound: they use :func:`weights_are_unit`."""
+    return beta >= 1.0 and weights_are_unit(vae, 1.0)

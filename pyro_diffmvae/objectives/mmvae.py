@@ -8,7 +8,7 @@ import torch
 
 from ..fusion import poe, subset_family
 from . import gaussian
-from .base import Objective, mixture_of_experts_posterior, weights_are_unit
+from .base import Objective, beta_elbo_is_bound, mixture_of_experts_posterior, weights_are_unit
 from .gaussian import check_estimator, masked, mixture_log_density, resolve_beta, std_normal_log_prob, stratum_bound, weighted_log_likelihood
 
 __all__ = ["MMVAE"]
@@ -81,9 +81,10 @@ class MMVAE(Objective):
         return mixture_of_experts_posterior(vae, batch, given)
 
     def is_bound(self, vae) -> bool:
-        """The stratified bound is below log p(X) (Jensen per stratum, then over the strata) when β = 1
-        and the likelihoods are unweighted."""
-        return weights_are_unit(vae, resolve_beta(self.beta, vae))
+        """The stratified bound is below log p(X) (Jensen per stratum, then over the strata) when the
+        likelihoods are unweighted and β = 1, or β ≥ 1 for the ``elbo`` estimator (β outside any log-mean-exp)."""
+        beta = resolve_beta(self.beta, vae)
+        return beta_elbo_is_bound(vae, beta) if self.estimator == "elbo" else weights_are_unit(vae, beta)
 
     def __repr__(self):
         return f"MMVAE(estimator={self.estimator!r}, num_samples={self.num_samples}, beta={self.beta})"

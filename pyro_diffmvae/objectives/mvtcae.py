@@ -8,7 +8,7 @@ import torch
 
 from ..fusion import poe, subset_family
 from . import gaussian
-from .base import Objective, product_of_experts_posterior, weights_are_unit
+from .base import Objective, beta_elbo_is_bound, product_of_experts_posterior
 from .gaussian import kl_normal, masked, resolve_beta, weighted_log_likelihood
 
 __all__ = ["MVTCAE"]
@@ -68,9 +68,9 @@ class MVTCAE(Objective):
         return product_of_experts_posterior(vae, batch, given, self.prior_expert)
 
     def is_bound(self, vae) -> bool:
-        """With α = 0 the objective is a β-VAE ELBO of the PoE posterior: a bound when β = 1 and the
+        """With α = 0 the objective is a β-VAE ELBO of the PoE posterior: a bound when β ≥ 1 and the
         likelihoods are unweighted. Any α > 0 trades the bound for total correlation."""
-        return self.alpha == 0.0 and weights_are_unit(vae, resolve_beta(self.beta, vae))
+        return self.alpha == 0.0 and beta_elbo_is_bound(vae, resolve_beta(self.beta, vae))
 
     def __repr__(self):
         return f"MVTCAE(alpha={self.alpha}, beta={self.beta}, prior_expert={self.prior_expert})"

@@ -12,7 +12,7 @@ place in the package that constructs a ``TraceMeanField_ELBO``. Swap the diverge
 estimator here (or subclass :class:`ELBO` in a file of your own) and everything that trains,
 validates and logs follows.
 
-It is a lower bound on :math:`\log p(x)` when β = 1, every λ_m = 1 and every decoder's
+It is a lower bound on :math:`\log p(x)` when β ≥ 1 (β > 1: a looser one), every λ_m = 1 and every decoder's
 ``log_prob`` bounds its log-likelihood (a diffusion decoder with ``weighting="likelihood"``):
 each subset's term is an ELBO with :math:`q(z\mid x_A)` as the variational distribution, and a
 convex combination of lower bounds is one (``docs/design.md`` §1).
@@ -29,7 +29,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer import TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from .base import Objective, weights_are_unit
+from .base import Objective, beta_elbo_is_bound
 
 __all__ = ["ELBO", "elbo_terms"]
 
@@ -63,7 +63,7 @@ class ELBO(Objective):
         return terms
 
     def is_bound(self, vae) -> bool:
-        return bool(getattr(vae, "proper_prior", True)) and weights_are_unit(vae, vae.beta)
+        return bool(getattr(vae, "proper_prior", True)) and beta_elbo_is_bound(vae, vae.beta)
 
     def __repr__(self):
         return f"ELBO(num_particles={self.num_particles})"
