@@ -227,7 +227,6 @@ def sample_probability_flow(
     return _torchsde_solve(eps_net, shape, sde, steps, z, True, method, callback, x_T, denoise, device, dtype, generator)
 
 
-@torch.no_grad()
 def _data_prediction(x: torch.Tensor, eps: torch.Tensor, alpha, sigma, x0_range) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon)/\alpha_t` and :math:`\hat\epsilon`; with ``x0_range=(low,
     high)`` the prediction is clipped to the data range and :math:`\hat\epsilon` replaced by the one that matches
@@ -240,6 +239,7 @@ def _data_prediction(x: torch.Tensor, eps: torch.Tensor, alpha, sigma, x0_range)
     return x0_hat, (x - alpha * x0_hat) / sigma
 
 
+@torch.no_grad()
 def sample_ddim(
     eps_net: EpsNet,
     shape,

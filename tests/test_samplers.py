@@ -176,3 +176,12 @@ def test_dpmpp_2m_time_grids_run_from_T_to_eps_and_converge(spacing):
     assert _relative_covariance_error(_exact_covariance("dpmpp_2m", 200, spacing=spacing)) < 0.01
     with pytest.raises(ValueError, match="unknown time spacing 'cosine'.*quadratic"):
         samplers.sample_dpmpp_2m(lambda x, z, t: x, (2, 2), sde, spacing="cosine")
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpmpp_2m"])
+def test_deterministic_samplers_build_no_autograd_graph(method):
+    # Sampling is inference: catches a sampler that lost its no_grad (its output would carry the graph of every
+    # step, and memory would grow with the steps), as sample_ddim did when its decorator slid onto a helper.
+    net = torch.nn.Linear(2, 2)
+    out = samplers.sample(lambda x, z, t: net(x), (3, 2), VPSDE(), method=method, steps=4)
+    assert not out.requires_grad
