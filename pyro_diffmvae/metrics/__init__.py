@@ -1,10 +1,12 @@
 """Evaluation metrics: sample F1, FID / feature Fréchet distances, factor coherence (trained and published
-classifiers), bits per dimension, the probability-flow ODE log-likelihood, CLIP score.
+classifiers), bits per dimension, the probability-flow ODE log-likelihood, CLIP score, and a diffusion decoder's
+denoising error by time.
 
 Not re-exported by ``pyro_diffmvae/__init__``; use ``from pyro_diffmvae.metrics import ...``.
 """
 
 from .clip_score import CLIPScore, clip_scores
+from .denoising_error import denoising_error_by_time
 from .coherence import (
     FactorClassifier,
     agreement,
@@ -20,6 +22,7 @@ from .ode_likelihood import ODELogLikelihood, ode_log_likelihood
 from .published_classifiers import MoPoEDigitClassifier, PublishedClassifier, load_mopoe_digit_classifier
 
 __all__ = [
+    "denoising_error_by_time",
     "sample_f1",
     "binarize",
     "UndefinedMetricWarning",
