@@ -226,6 +226,8 @@ def what_ran(metrics: Mapping) -> str | None:
         weights = sorted({float(w) for w in (metrics.get("guidance") or {}).values() if float(w) != 1.0})
         if weights:
             cell += ", guidance w = " + "/".join(f"{w:g}" for w in weights)
+        if "bf16" in (metrics.get("sample_precision") or {}).values():
+            cell += ", bf16 networks"
     return cell
 
 

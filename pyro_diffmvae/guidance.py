@@ -24,11 +24,12 @@ in one batched network call (2n rows).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
+
+from .decoder_settings import diffusion_decoder_setting
 
 __all__ = ["drop_conditioning", "GuidedEps", "check_cond_dropout", "check_guidance", "guidance_weight"]
 
@@ -70,19 +71,9 @@ class GuidedEps(nn.Module):
         return unconditional + self.guidance * (conditional - unconditional)
 
 
-@contextlib.contextmanager
 def guidance_weight(vae, w):
     """Generate with guidance weight ``w`` in every diffusion decoder of ``vae`` for the block (``None``: each
     decoder's own); yields ``{modality: w in use}`` for the diffusion decoders (empty without any) and restores
     every decoder's weight on exit. A decoder trained without conditioning dropout refuses a weight other than 1
     (it has no null latent), with the reason."""
-    decoders = {m: mod.decoder for m, mod in vae.modalities.items() if mod.is_diffusion}
-    before = {m: d.guidance for m, d in decoders.items()}
-    try:
-        if w is not None:
-            for d in decoders.values():
-                d.guidance = w
-        yield {m: d.guidance for m, d in decoders.items()}
-    finally:
-        for m, d in decoders.items():
-            d.guidance = before[m]
+    return diffusion_decoder_setting(vae, "guidance", w)

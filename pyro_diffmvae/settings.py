@@ -166,6 +166,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "evaluation.sampler": _sampler,
     "evaluation.sampler_steps": _positive_int,
     "evaluation.guidance": _optional_non_negative_real,
+    "evaluation.sample_precision": _one_of("fp32", "bf16"),
     "evaluation.bootstrap": _bootstrap,
     "evaluation.loglik_examples": _non_negative_int,
     "evaluation.loglik_samples": _positive_int,
@@ -182,6 +183,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "sample.sampler": _sampler,
     "sample.steps": _positive_int,
     "sample.guidance": _optional_non_negative_real,
+    "sample.sample_precision": _one_of("fp32", "bf16"),
 }
 
 

@@ -66,6 +66,8 @@ def test_every_preset_passes_the_settings_check(experiment):
     ("model.diffusion.cond_dropout=1.0", "model.diffusion.cond_dropout=1.0: must be a probability in [0, 1)"),
     ("model.diffusion.guidance=-2", "model.diffusion.guidance=-2: must be a finite number >= 0"),
     ("evaluation.guidance=-1", "evaluation.guidance=-1: must be a finite number >= 0 or null"),
+    ("evaluation.sample_precision=fp16", "evaluation.sample_precision='fp16': must be one of ['fp32', 'bf16']"),
+    ("sample.sample_precision=bfloat16", "sample.sample_precision='bfloat16': must be one of ['fp32', 'bf16']"),
     ("trainer.max_time=600", 'trainer.max_time=600: must be null or a positive duration "DD:HH:MM:SS"'),
     ("trainer.max_time=00:00:00:00", "trainer.max_time='00:00:00:00': must be null or a positive duration"),
     ("+trainer.max_stepz=3", "trainer.max_stepz: unknown setting (did you mean trainer.max_steps?)"),

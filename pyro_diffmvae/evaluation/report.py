@@ -35,9 +35,13 @@ def _bound_bpd(metrics: dict) -> dict[str, dict]:
 
 
 def _guidance_note(metrics: dict) -> str:
-    """``", guidance w = 2.0"`` when a diffusion decoder generated with guidance (w != 1), else empty."""
+    """``", guidance w = 2.0"`` when a diffusion decoder generated with guidance (w != 1), and
+    ``", networks in bf16 (sample_precision)"`` when one sampled in bf16; else empty."""
     weights = {w for w in (metrics.get("guidance") or {}).values() if w != 1.0}
-    return f", guidance w = {', '.join(str(w) for w in sorted(weights))}" if weights else ""
+    note = f", guidance w = {', '.join(str(w) for w in sorted(weights))}" if weights else ""
+    if "bf16" in (metrics.get("sample_precision") or {}).values():
+        note += ", networks in bf16 (sample_precision)"
+    return note
 
 
 def _ledger_lines(ledger: dict) -> list[str]:

@@ -70,6 +70,7 @@ from .clip import caption_scorer
 from .coherence import agree_per_example, factor_scores, pairwise_agreement
 from .frechet import feature_fids, frechet_distance
 from ..guidance import guidance_weight
+from ..sampling_precision import sample_precision
 from .ledger import bound_ledger
 from .likelihood import diffusion_reconstruction_bound_bpd, joint_log_likelihood
 from .probe import latent_probe
@@ -96,7 +97,8 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     routine = dataset.evaluation.routine
     if routine not in ROUTINES:
         raise ValueError(f"data set {dataset.name!r}: unknown evaluation routine {routine!r}; known: {sorted(ROUTINES)}")
-    with channels_last(cfg.evaluation, vae), guidance_weight(vae, cfg.evaluation.get("guidance")) as weights:
+    with (channels_last(cfg.evaluation, vae), guidance_weight(vae, cfg.evaluation.get("guidance")) as weights,
+          sample_precision(vae, cfg.evaluation.get("sample_precision")) as precisions):
         metrics = ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
         joint = joint_log_likelihood(vae, test_set, dataset.modalities(cfg), cfg.evaluation,
                                      _batch_size(cfg.evaluation), _device(vae))
@@ -104,6 +106,8 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
         metrics["joint_log_likelihood"] = joint
     if weights:
         metrics["guidance"] = weights
+    if precisions:
+        metrics["sample_precision"] = precisions
     metrics["ledger"] = bound_ledger(vae, cfg, metrics, objective)
     return metrics
 
