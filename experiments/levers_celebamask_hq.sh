@@ -12,10 +12,13 @@ STEPS=${STEPS:-1500}
 SEEDS=${SEEDS:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 EVAL="evaluation.sampler=dpmpp_2m evaluation.sampler_steps=9 evaluation.coherence_all_targets=false"
-# name|overrides (the baseline first; each other row changes one thing)
+# name|overrides (the baseline first; each other row changes one thing). eps_mse is the paper's Diff-MVAE* objective
+# and network; eps_mse_v_pred is that objective with the baseline's v-predicting network: the pair separates the
+# weighting from the parameterisation (experiments/denoising_error.py shows where each network errs)
 LEVERS=(
   "baseline|"
   "eps_mse|weighting=simple model.diffusion.prediction=eps"
+  "eps_mse_v_pred|weighting=simple"
   "high_noise|weighting=high_noise"
   "beta_0.5|model.beta=0.5"
   "kl_warmup_500|trainer.kl_warmup_steps=500"

@@ -212,9 +212,9 @@ def _clip_model(metrics: Mapping) -> str:
 
 def what_ran(metrics: Mapping) -> str | None:
     """A run's model and how its diffusion decoders were sampled, in one cell: ``"<model>, <bound | not a bound>"``
-    and, for a run with diffusion decoders, ``"; <sampler> <steps> steps"`` and the guidance weights other than 1
-    (from ``metrics["ledger"]``, ``["sampler"]``, ``["sampler_steps"]`` and ``["guidance"]``); ``None`` for a
-    run evaluated before the ledger existed."""
+    and, for a run with diffusion decoders, ``"; <sampler> <steps> steps"``, the guidance weights other than 1 and
+    ``", bf16 networks"`` for bf16 sampling (from ``metrics["ledger"]``, ``["sampler"]``, ``["sampler_steps"]``,
+    ``["guidance"]`` and ``["sample_precision"]``); ``None`` for a run evaluated before the ledger existed."""
     ledger = metrics.get("ledger")
     if not isinstance(ledger, Mapping):
         return None
