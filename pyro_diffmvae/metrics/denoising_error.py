@@ -1,8 +1,9 @@
 r"""How well a diffusion decoder denoises, by diffusion time: the diagnostic behind a failed sampler.
 
 For data :math:`x_0`, a latent :math:`z` and a time :math:`t`, noise :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon`
-(the VP-SDE's marginal, :class:`~pyro_diffmvae.sde.VPSDE`; ``docs/design.md`` §1) and read the network's prediction :math:`\hat\epsilon = \hat\epsilon_\theta(x_t,
-z, t)` and the data prediction it implies, :math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon)/\alpha_t`. The errors
+(the VP-SDE's marginal, :class:`~pyro_diffmvae.sde.VPSDE`; ``docs/design.md`` §1) and read the network's
+prediction :math:`\hat\epsilon = \hat\epsilon_\theta(x_t, z, t)` and the data prediction it implies,
+:math:`\hat x_0 = (x_t - \sigma_t\hat\epsilon)/\alpha_t`. The errors
 
 .. math::
     e_\epsilon(t) = \sqrt{\mathbb E\,\|\hat\epsilon - \epsilon\|^2 / d}, \qquad
