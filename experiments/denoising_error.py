@@ -32,7 +32,6 @@ def table(path: str, modality: str, given: list[str] | None, examples: int, seed
     n = min(examples, len(test))
     batch = {m: torch.stack([test[i][m] for i in range(n)]) for m in vae.modalities}
     decoder = vae.modalities[modality].decoder
-    torch.manual_seed(seed)
     with torch.no_grad():
         z = vae.posterior(batch, given=given).mean
     rows = denoising_error_by_time(decoder.eps_net, decoder.sde, batch[modality], z, times,

@@ -93,21 +93,21 @@ def main(argv=None) -> str:
     nets = {"fp32": decoder.eps_net, "bf16": AutocastEps(decoder.eps_net, torch.bfloat16)}
     kwargs = {"x0_range": decoder.output_range} if decoder.output_range is not None else {}
 
+    @torch.no_grad()
     def sample(name):
         return sample_dpmpp_2m(nets[name], shape, decoder.sde, steps=args.steps, z=z, x_T=x_T.clone(), device=device,
                                **kwargs)
 
     def train_work(name):
         t = torch.rand(args.batch, generator=g).to(device).clamp(1e-3, 1.0)
-        a, s = decoder.sde.alpha(t).view(-1, 1, 1, 1), decoder.sde.sigma(t).view(-1, 1, 1, 1)
         eps = torch.randn(shape, generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=name == "bf16"):
-            out = decoder.eps_net(a * x_T.clamp(-1, 1) + s * eps, z, t)
+            out = decoder.eps_net(decoder.sde.perturb(x_T.clamp(-1, 1), t, eps), z, t)
         (out.float() - eps).pow(2).mean().backward()
         decoder.zero_grad(set_to_none=True)
 
     rows, times = [], {}
-    for label, fn in (("sampling", lambda n: torch.no_grad()(sample)(n)), ("training fwd+bwd", train_work)):
+    for label, fn in (("sampling", sample), ("training fwd+bwd", train_work)):
         for name in ("fp32", "bf16", "fp32", "bf16"):  # alternated: drift in machine load hits both
             wall, cpu = timed(lambda: fn(name), args.repeats)
             times.setdefault((label, name), []).append((wall, cpu))
@@ -119,8 +119,7 @@ def main(argv=None) -> str:
         ratio = (statistics.median(w for w, _ in times[(label, "fp32")])
                  / statistics.median(w for w, _ in times[(label, "bf16")]))
         rows.append([label, "**fp32 / bf16 wall**", f"**{ratio:.2f}×**", "", ""])
-    with torch.no_grad():
-        x32, x16 = sample("fp32"), sample("bf16")
+    x32, x16 = sample("fp32"), sample("bf16")
     diff = x16 - x32
     colour = (x16.mean((2, 3)) - x32.mean((2, 3))) if diff.ndim == 4 else None
     lines = [f"# bf16 against float32 for a diffusion decoder's network", "", f"`{command_line(__file__, argv)}`", "",

@@ -34,7 +34,7 @@ def _bound_bpd(metrics: dict) -> dict[str, dict]:
     return out
 
 
-def _guidance_note(metrics: dict) -> str:
+def _sampling_note(metrics: dict) -> str:
     """``", guidance w = 2.0"`` when a diffusion decoder generated with guidance (w != 1), and
     ``", networks in bf16 (sample_precision)"`` when one sampled in bf16; else empty."""
     weights = {w for w in (metrics.get("guidance") or {}).values() if w != 1.0}
@@ -117,7 +117,7 @@ def write_report(metrics: dict, path: Path, title: str = "pyro-diffmvae run") ->
     cond = metrics.get("conditional", {})
     cols = sorted({c for row in cond.values() for c in row if not (c.endswith("_se") and c[:-3] in row)})
     if cond:
-        lines += [f"Conditional generation (protocol {label}; {metrics['num_examples']} test examples, {metrics['sampler']}-{metrics['sampler_steps']}{_guidance_note(metrics)}); "
+        lines += [f"Conditional generation (protocol {label}; {metrics['num_examples']} test examples, {metrics['sampler']}-{metrics['sampler_steps']}{_sampling_note(metrics)}); "
                   "*_f1 = sample-average F1 against the truth (paper Table 3); *_factor_acc = mean per-factor accuracy read back by "
                   "the classifier; *_all_factors = all factors right; *_position_size = size and position right; "
                   "*_coherence = labels read back by the classifier equal the truth; *_FD_* = Fréchet distance to real test images.", ""]

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..sde import VPSDE
+from ..sde import VPSDE, right_pad
 
 #: default times: dense near t = 1, where ε-prediction's data prediction is ill-conditioned
 DEFAULT_TIMES = (0.05, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0)
@@ -63,10 +63,9 @@ def denoising_error_by_time(
     rows = []
     for t in times:
         tt = torch.full((x0.shape[0],), float(t), dtype=x0.dtype, device=x0.device)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        alpha, sigma = sde.alpha(tt).view(shape), sde.sigma(tt).view(shape)
+        alpha, sigma = right_pad(sde.alpha(tt), x0), right_pad(sde.sigma(tt), x0)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        x_t = alpha * x0 + sigma * eps
+        x_t = sde.perturb(x0, tt, eps)
         eps_hat = eps_net(x_t, z, tt)
         x0_hat = (x_t - sigma * eps_hat) / alpha
         mean_channel = None
