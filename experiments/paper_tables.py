@@ -235,6 +235,12 @@ def what_ran(metrics: Mapping) -> str | None:
 WHAT_RAN: Column = ("model; decoders' sampler", what_ran)
 
 
+def columns_some_run_has(columns: Sequence[Column], runs: Mapping[str, list[dict]]) -> list[Column]:
+    """The columns whose reader finds a value in at least one run: a table's optional columns (what ran,
+    the all-targets coherence, a conditional some data set lacks) are left out rather than shown as "–"."""
+    return [c for c in columns if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
+
+
 def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
     """Rows ``[preset, "mean ± std (n)" ...]``; a value of one seed with its run's standard error (a reader's
     ``se``) is ``"value [SE se] (1)"``, without one ``"value (1)"`` (whole numbers such as steps without
@@ -294,18 +300,18 @@ def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
         cols += [(f"image {fd} unconditional {name}", _get("unconditional", prior, f"image_{fd}")),
                  (f"agreement unconditional {name}", _get("unconditional", prior, "agreement"))]
     cols += [("train steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
-    cols.insert(0, WHAT_RAN)
-    # keep the columns that some run has
-    return [c for c in cols if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
+    return columns_some_run_has([WHAT_RAN, *cols], runs)
 
 
 def _polymnist_coherence(runs: Mapping[str, list[dict]]) -> list[Column]:
+    missing_targets = [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
     all_targets = [(f"{k} given (all targets)", _get("coherence_all_targets_by_num_given", str(k))) for k in range(1, 5)]
-    what = [WHAT_RAN] if any(what_ran(m) for seeds in runs.values() for m in seeds) else []
-    return what + [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)] + [
-        ("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
-        ("unconditional score prior", _get("unconditional", "score", "agreement"))] + (
-        all_targets if any("coherence_all_targets_by_num_given" in m for seeds in runs.values() for m in seeds) else [])
+    unconditional = [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
+                     ("unconditional score prior", _get("unconditional", "score", "agreement"))]
+    # the coherence and unconditional columns are the table's shape ("–" where a run lacks one); what ran is
+    # optional, the all-targets convention too, as one block of four
+    return [*columns_some_run_has([WHAT_RAN], runs), *missing_targets, *unconditional,
+            *(all_targets if columns_some_run_has(all_targets, runs) else [])]
 
 
 #: table name → its columns for the runs it is built from
@@ -434,7 +440,7 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
     presets = {f"{dataset}_{m}_cpu" for m in models}
     protocol = table_protocol(table, {p: s for p, s in runs.items() if p in presets})
     layout = ZOO_LAYOUTS.get(table, ZooLayout())
-    columns: list[Column] = [WHAT_RAN] if any(what_ran(m) for p in presets for m in runs.get(p, [])) else []
+    columns = columns_some_run_has([WHAT_RAN], {p: s for p, s in runs.items() if p in presets})
     columns += [("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
     columns += layout.columns(fd)
     columns += [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
