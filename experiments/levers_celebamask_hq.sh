@@ -5,11 +5,13 @@
 # other load on the machine), evaluated under the standard protocol (the 1,000 test faces, missing targets
 # only, 1,000 unconditional samples; FD in the attribute classifier's features) with DPM-Solver++(2M), 10 NFE.
 # Usage: OUT=/tmp/levers STEPS=1500 SEEDS="0 1" bash experiments/levers_celebamask_hq.sh
+#        ONLY="baseline eps_mse_v_pred" ... runs those rows only (in the order of LEVERS); an unknown name is refused
 # Then:  python experiments/paper_tables.py tables --out $OUT --results $OUT/results   (rows celebamask_hq_lever_<name>)
 set -euo pipefail
 OUT=${OUT:-/tmp/levers}
 STEPS=${STEPS:-1500}
 SEEDS=${SEEDS:-0}
+ONLY=${ONLY:-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 EVAL="evaluation.sampler=dpmpp_2m evaluation.sampler_steps=9 evaluation.coherence_all_targets=false"
 # name|overrides (the baseline first; each other row changes one thing). eps_mse is the paper's Diff-MVAE* objective
@@ -24,9 +26,14 @@ LEVERS=(
   "kl_warmup_500|trainer.kl_warmup_steps=500"
   "cond_dropout_0.1_w2|model.diffusion.cond_dropout=0.1 evaluation.guidance=2.0"
 )
+names=" ${LEVERS[*]%%|*} "
+for want in $ONLY; do
+  [[ "$names" == *" $want "* ]] || { echo "ONLY names an unknown lever: $want (levers:$names)" >&2; exit 2; }
+done
 for seed in $SEEDS; do
   for lever in "${LEVERS[@]}"; do
     name=${lever%%|*}; overrides=${lever#*|}
+    [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
     run="$OUT/celebamask_hq_lever_${name}/seed${seed}"
     [ -f "$run/metrics.json" ] && continue
     # shellcheck disable=SC2086  # the overrides are words
