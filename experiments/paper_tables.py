@@ -178,7 +178,9 @@ def _get(*keys: str, with_se: bool = True) -> Callable[[Mapping], float | None]:
             if not isinstance(node, Mapping) or k not in node:
                 return None
             node = node[k]
-        return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+        if isinstance(node, bool) or not isinstance(node, (int, float)):
+            return None
+        return node if isinstance(node, int) else float(node)  # an int stays one: a count (steps), not a measurement
     if with_se:
         read.se = _get(*keys[:-1], keys[-1] + "_se", with_se=False)
     return read
@@ -244,7 +246,8 @@ def columns_some_run_has(columns: Sequence[Column], runs: Mapping[str, list[dict
 def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
     """Rows ``[preset, "mean ± std (n)" ...]``; a value of one seed with its run's standard error (a reader's
     ``se``) is ``"value [SE se] (1)"``, without one ``"value (1)"`` (whole numbers such as steps without
-    decimals); a value missing in every seed is "–"; a text column (its reader returns
+    decimals, as is an integer every seed shares, e.g. ``"600 (2)"`` steps); a value missing in every seed
+    is "–"; a text column (its reader returns
     strings) lists the distinct values over the seeds."""
     rows = []
     for preset, seeds in sorted(runs.items()):
@@ -261,6 +264,8 @@ def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> li
                 row.append(f"{vals[0]:.3f} [SE {se:.3f}] (1)")
             elif len(vals) == 1:  # one seed and no SE: the value alone (a spread of 0 would say nothing)
                 row.append(f"{vals[0]:.0f} (1)" if float(vals[0]).is_integer() else f"{vals[0]:.3f} (1)")
+            elif len(set(vals)) == 1 and all(isinstance(v, int) for v in vals):  # a count all seeds share (steps)
+                row.append(f"{vals[0]:.0f} ({len(vals)})")
             else:
                 mean, std = _mean_std(vals)
                 row.append(f"{mean:.3f} ± {std:.3f} ({len(vals)})")

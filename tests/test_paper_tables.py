@@ -104,6 +104,18 @@ def test_a_single_seed_shows_its_runs_standard_error_and_two_seeds_their_spread(
     assert "| celebamask_hq_mopoe_star_cpu | 22.000 ± 2.828 (2) |" in md  # sample std of 20 and 24
 
 
+def test_a_step_budget_all_seeds_share_is_printed_once_and_differing_counts_get_their_spread():
+    # Catches: a shared budget printed as "600.000 ± 0.000 (2)", or two different step counts (runs stopped by
+    # a wall clock) collapsed into one number.
+    steps = ("train steps", paper_tables._get("training", "steps"))
+    same = paper_tables.build_table({"p": [{"training": {"steps": 600}}, {"training": {"steps": 600}}]}, [steps])
+    assert same == [["p", "600 (2)"]]
+    differ = paper_tables.build_table({"p": [{"training": {"steps": 600}}, {"training": {"steps": 604}}]}, [steps])
+    assert differ == [["p", "602.000 ± 2.828 (2)"]]  # sample std of 600 and 604
+    fd = ("FD", paper_tables._get("fd"))  # a float metric equal in both seeds keeps its spread of zero
+    assert paper_tables.build_table({"p": [{"fd": 30.0}, {"fd": 30.0}]}, [fd]) == [["p", "30.000 ± 0.000 (2)"]]
+
+
 def test_unknown_table_is_named():
     with pytest.raises(ValueError, match="unknown table 'table9'"):
         paper_tables.table_columns("table9", {})
@@ -163,7 +175,7 @@ def test_zoo_table_rows_follow_the_zoo_order_with_budget_fd_and_published_number
     rows = [line for line in md.splitlines() if line.startswith("| m")]
     assert [r.split(" | ")[0] for r in rows] == ["| model", "| mopoe", "| mld"]
     assert rows[1].endswith("| 0.66 / 0.77 / 0.81 / 0.83 (Sutter et al. 2021) |")
-    assert ("| mld | 600.000 ± 0.000 (2) | 10.000 ± 0.000 (2) | 0.500 ± 0.141 (2) | – | – | – | – | "
+    assert ("| mld | 600 (2) | 10 (2) | 0.500 ± 0.141 (2) | – | – | – | – | "
             "0.250 ± 0.000 (2) | 20.000 ± 0.000 (2) | not supported | not supported | – |") in md
     assert "| 3000.500 (1) | 1.250 (1) | 0.66 / 0.77 / 0.81 / 0.83 (Sutter et al. 2021) |" in rows[1]
     assert "two-stage models define no joint density" in md
