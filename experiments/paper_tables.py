@@ -169,7 +169,7 @@ def table_protocol(table: str, runs: Mapping[str, list[dict]]) -> str:
     return next(iter(by_protocol), UNNAMED_PROTOCOL)
 
 
-def _get(*keys: str, with_se: bool = True) -> Callable[[Mapping], float | None]:
+def _get(*keys: str, with_se: bool = True) -> Callable[[Mapping], int | float | None]:
     """A reader of ``metrics[k1][k2]...``; its ``se`` attribute reads the run's own standard error beside it
     (``...[kn + "_se"]``), which :func:`build_table` shows for a row of one seed."""
     def read(metrics: Mapping):
