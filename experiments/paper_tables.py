@@ -443,9 +443,10 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
     fd = _fd_name(runs)
     table = f"zoo_{dataset}"
     presets = {f"{dataset}_{m}_cpu" for m in models}
-    protocol = table_protocol(table, {p: s for p, s in runs.items() if p in presets})
+    selected = {p: s for p, s in runs.items() if p in presets}
+    protocol = table_protocol(table, selected)
     layout = ZOO_LAYOUTS.get(table, ZooLayout())
-    columns = columns_some_run_has([WHAT_RAN], {p: s for p, s in runs.items() if p in presets})
+    columns = columns_some_run_has([WHAT_RAN], selected)
     columns += [("steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
     columns += layout.columns(fd)
     columns += [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
