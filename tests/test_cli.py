@@ -61,6 +61,8 @@ def test_defaults_are_diffmvae_star_v():
 @pytest.mark.parametrize("overrides,expected", [
     (["model=diffmvae_star"], ("diffmvae_star", "simple", "eps", "ddim", 50)),
     (["model=diffmvae_star_v"], ("diffmvae_star_v", "v_mse", "v", "ddim", 50)),
+    (["model=diffmvae_star_vpred"], ("diffmvae_star_vpred", "simple", "v", "ddim", 50)),
+    (["experiment=celebamask_hq_diffmvae_star_vpred_cpu"], ("diffmvae_star_vpred", "simple", "v", "ddim", 50)),
     (["model=diffmvae"], ("diffmvae", "likelihood", "eps", "sde", 1000)),
     (["model=diffmvae_star", "weighting=v_mse"], ("diffmvae_star", "v_mse", "eps", "ddim", 50)),  # the user wins
     *[([f"experiment={d}_diffmvae_star_cpu"], ("diffmvae_star", "simple", "eps", "ddim", 50))
@@ -84,7 +86,19 @@ def test_v_variant_presets_differ_from_the_paper_presets_only_in_the_model():
         assert dict(v.model, name=None, diffusion=None) == dict(paper.model, name=None, diffusion=None)
 
 
-TABLE3_CPU = ["celebamask_hq_diffmvae_star_cpu", "celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_cpu",
+def test_the_vpred_preset_is_the_paper_preset_with_another_prediction_target_only():
+    # diffmvae_star_vpred claims the paper's Diff-MVAE* objective: the same weighting (simple), data, sizes and
+    # budget, only the network's prediction target changed. Catches a vpred preset that also changes the
+    # weighting (it would then be Diff-MVAE*-v under another name) or anything else of its paper twin.
+    paper = _compose("experiment=celebamask_hq_diffmvae_star_cpu")
+    vpred = _compose("experiment=celebamask_hq_diffmvae_star_vpred_cpu")
+    assert (paper.model.diffusion.prediction, vpred.model.diffusion.prediction) == ("eps", "v")
+    vpred.model.name, vpred.model.diffusion.prediction = paper.model.name, paper.model.diffusion.prediction
+    assert vpred == paper
+
+
+TABLE3_CPU = ["celebamask_hq_diffmvae_star_cpu", "celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu",
+              "celebamask_hq_diffmvae_cpu",
               "celebamask_hq_mopoe_star_cpu", "celebamask_hq_mopoe_cpu", "celebamask_hq_mvtcae_cpu", "celebamask_hq_mmvae_plus_cpu"]
 
 
@@ -98,7 +112,7 @@ def test_the_cpu_table3_presets_differ_only_in_the_model():
             assert cfg[key] == base[key], (preset, key)
         assert (cfg.model.latent_dim, cfg.model.encoder_width, cfg.model.decoder_width) == (32, 32, 32), preset
     assert [_compose(f"experiment={p}").model.name for p in TABLE3_CPU] == [
-        "diffmvae_star", "diffmvae_star_v", "diffmvae", "mopoe_star", "mopoe", "mvtcae", "mmvae_plus"]
+        "diffmvae_star", "diffmvae_star_v", "diffmvae_star_vpred", "diffmvae", "mopoe_star", "mopoe", "mvtcae", "mmvae_plus"]
 
 
 def test_the_polymnist_lever_presets_differ_from_their_twin_only_in_the_lever():
