@@ -8,7 +8,9 @@ the ``network`` of its :class:`~pyro_diffmvae.data.spec.ModalitySpec`, or else
 kind              encoder / decoder                                        for
 ================= ======================================================== =====================================
 ``conv``          :class:`~pyro_diffmvae.nets.encoders.ConvEncoder` /      images ``(C, H, W)``
-                  :class:`~pyro_diffmvae.nets.decoders.ConvDecoder`
+                  :class:`~pyro_diffmvae.nets.decoders.ConvDecoder`, or
+                  ``CompactConvDecoder`` (``model.image_decoder=compact``:
+                  about a tenth of the multiply-adds)
 ``mlp``           ``MLPEncoder`` / ``MLPDecoder``                          vectors ``(D,)``
 ``tokens``        ``TokenEncoder`` / ``TokenDecoder``                      short fixed-length token strings
 ``token_sequence`` :class:`~pyro_diffmvae.nets.text.TokenSequenceEncoder` / captions with padding (CUB, ``tokens``)
@@ -57,7 +59,7 @@ from torch import nn
 
 from .caption_codec import OptimusCaptionCodec
 from .modality import FeedForwardDecoder
-from .nets.decoders import ConvDecoder, MLPDecoder, TokenDecoder
+from .nets.decoders import IMAGE_DECODERS, MLPDecoder, TokenDecoder
 from .nets.encoders import ConvEncoder, MLPEncoder, TokenEncoder
 from .nets.text import (
     BertTextEncoder,
@@ -68,7 +70,7 @@ from .nets.text import (
     TokenSequenceEncoder,
 )
 
-__all__ = ["NETWORKS", "NetworkKind", "TEXT_NETS", "register_network", "default_network", "build_encoder",
+__all__ = ["NETWORKS", "NetworkKind", "TEXT_NETS", "register_network", "default_network", "image_decoder_class", "build_encoder",
            "build_decoder", "user_network", "text_nets", "optimus_settings", "optimus_codec"]
 
 #: the values of ``model.text_nets``: word-level token networks, or the Optimus BERT + GPT-2 text VAE
@@ -85,9 +87,18 @@ class NetworkKind:
     decoder: Factory
 
 
+def image_decoder_class(cfg: DictConfig) -> type[nn.Module]:
+    """The ``conv`` kind's image decoder named by ``model.image_decoder`` (:data:`IMAGE_DECODERS`; ``conv`` when
+    the model config has no such key)."""
+    name = cfg.model.get("image_decoder", None) or "conv"
+    if name not in IMAGE_DECODERS:
+        raise ValueError(f"unknown model.image_decoder {name!r}; known: {sorted(IMAGE_DECODERS)}")
+    return IMAGE_DECODERS[name]
+
+
 def _conv_decoder(spec, cfg):
     shape, likelihood = spec["shape"], spec["likelihood"]
-    net = ConvDecoder(cfg.model.latent_dim, shape[0], shape[1], width=cfg.model.decoder_width)
+    net = image_decoder_class(cfg)(cfg.model.latent_dim, shape[0], shape[1], width=cfg.model.decoder_width)
     return FeedForwardDecoder(net, shape, likelihood, scale=0.1, learn_scale=likelihood != "bernoulli")
 
 

@@ -97,6 +97,21 @@ def test_the_vpred_preset_is_the_paper_preset_with_another_prediction_target_onl
     assert vpred == paper
 
 
+def test_model_image_decoder_picks_the_feed_forward_image_decoder():
+    # Catches model.image_decoder=compact being ignored (every image decoder still the 10x dearer ConvDecoder),
+    # the diffusion decoders being replaced too, and an unknown name passing silently.
+    from pyro_diffmvae.nets.decoders import CompactConvDecoder, ConvDecoder
+
+    def image_nets(*overrides):
+        vae = build_model(_compose("experiment=polymnist_mopoe_cpu", *overrides))
+        return {type(m.decoder.net).__name__ for m in vae.modalities.values()}
+
+    assert image_nets() == {ConvDecoder.__name__}
+    assert image_nets("model.image_decoder=compact") == {CompactConvDecoder.__name__}
+    with pytest.raises(ValueError, match=r"unknown model.image_decoder 'tiny'; known: \['compact', 'conv'\]"):
+        build_model(_compose("experiment=polymnist_mopoe_cpu", "model.image_decoder=tiny"))
+
+
 TABLE3_CPU = ["celebamask_hq_diffmvae_star_cpu", "celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu",
               "celebamask_hq_diffmvae_cpu",
               "celebamask_hq_mopoe_star_cpu", "celebamask_hq_mopoe_cpu", "celebamask_hq_mvtcae_cpu", "celebamask_hq_mmvae_plus_cpu"]

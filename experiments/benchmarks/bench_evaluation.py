@@ -15,6 +15,12 @@ them without and prints the ratio), and with the FD bootstrap
 (``evaluation.fd_bootstrap``). The label classifiers are trained first (a few steps, on
 random images, cached in a temporary folder) and are not part of the timed evaluation.
 
+**Image decoders.** ``--image-decoders conv compact`` times the same protocol, one after the other in
+this run, with each feed-forward image decoder of ``model.image_decoder`` (the preset's ``conv``:
+22.4 M multiply-adds per 28-px image; ``compact``: 2.3 M, the size of the MoPoE authors' PolyMNIST
+decoder), printing each one's multiply-adds per image (``torch.utils.flop_counter``) and the ratio of
+the times.
+
 **Diffusion decoding.** One PolyMNIST diffusion decoder of ``experiment=polymnist_diffmvae_star_cpu``
 generates ``--diffusion-images`` images with DDIM-50; the time per 1,000 images is extrapolated
 linearly from that measured count (printed with it).
@@ -22,6 +28,7 @@ linearly from that measured count (printed with it).
 Example::
 
     python experiments/benchmarks/bench_evaluation.py --num-examples 1000 --threads 1 --compare-channels-last
+    python experiments/benchmarks/bench_evaluation.py --num-examples 10000 --image-decoders compact --skip-fd-bootstrap
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from _hardware import hardware_lines, setup_device  # noqa: E402  (script dir on sys.path)
 
@@ -70,7 +78,14 @@ def main() -> None:
     parser.add_argument("--skip-fd-bootstrap", action="store_true", help="time only without the FD bootstrap")
     parser.add_argument("--compare-channels-last", action="store_true",
                         help="also time evaluation.channels_last=false in the same run (the speed-up ratio)")
+    parser.add_argument("--image-decoders", nargs="+", default=["conv"],
+                        help="model.image_decoder values to time, side by side in this run (conv, compact)")
     args = parser.parse_args()
+    from pyro_diffmvae.nets.decoders import IMAGE_DECODERS
+
+    unknown = [d for d in args.image_decoders if d not in IMAGE_DECODERS]
+    if unknown:
+        raise SystemExit(f"--image-decoders: unknown {unknown}; known: {sorted(IMAGE_DECODERS)}")
     if args.num_examples < 2:
         raise SystemExit(f"--num-examples must be >= 2, got {args.num_examples}")
     device = setup_device(args.threads, "cpu")
@@ -82,32 +97,46 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="bench_evaluation_")
     test_set, train_set = RandomPolyMNIST(args.num_examples, 0), RandomPolyMNIST(1000, 1)
 
-    def cfg(fd_bootstrap: bool, channels_last: bool = True):
+    def cfg(fd_bootstrap: bool, channels_last: bool = True, image_decoder: str = "conv"):
         return compose("polymnist_mopoe_cpu", "evaluation.protocol=standard", f"evaluation.bootstrap={args.bootstrap}",
                        f"evaluation.channels_last={str(channels_last).lower()}",
                        f"evaluation.fd_bootstrap={str(fd_bootstrap).lower()}", "evaluation.balanced_accuracy=true",
                        f"evaluation.batch_size={args.batch_size}", "evaluation.classifier_steps=5",
                        "evaluation.classifier_train_size=1000", "evaluation.probe_train_size=1000",
-                       f"evaluation.classifier_cache={cache}")
+                       f"evaluation.classifier_cache={cache}", f"model.image_decoder={image_decoder}")
 
-    torch.manual_seed(0)
-    vae = build_model(cfg(False))
-    start = time.perf_counter()
-    evaluate(vae, RandomPolyMNIST(8, 2), train_set, cfg(False), Path(cache), figures=False)
-    print(f"\nclassifiers trained and cached (not timed below): {time.perf_counter() - start:.1f} s")
     settings = ([(False, True)] + ([(False, False)] if args.compare_channels_last else [])
                 + ([] if args.skip_fd_bootstrap else [(True, True)]))
     seconds = {}
-    for fd_bootstrap, channels_last in settings:
-        start = time.perf_counter()
-        metrics = evaluate(vae, test_set, train_set, cfg(fd_bootstrap, channels_last), Path(cache), figures=False)
-        seconds[fd_bootstrap, channels_last] = time.perf_counter() - start
-        print(f"standard protocol, feed-forward PolyMNIST model: {metrics['num_examples']} examples x "
-              f"{metrics['protocol']['num_given_subsets']} given subsets, bootstrap {args.bootstrap}, FD bootstrap "
-              f"{'on' if fd_bootstrap else 'off'}, channels_last {'on' if channels_last else 'off'}: "
-              f"{seconds[fd_bootstrap, channels_last]:.1f} s")
-    if args.compare_channels_last:
-        print(f"channels_last speed-up (same run, FD bootstrap off): {seconds[False, False] / seconds[False, True]:.2f}x")
+    for image_decoder in args.image_decoders:
+        torch.manual_seed(0)
+        vae = build_model(cfg(False, image_decoder=image_decoder))
+        with FlopCounterMode(display=False) as counter:
+            vae.modalities["m0"].decoder.net(torch.zeros(1, vae.latent_dim))
+        print(f"\nimage decoder {image_decoder} ({type(vae.modalities['m0'].decoder.net).__name__}): "
+              f"{counter.get_total_flops() // 2:,} multiply-adds per 28-px image")
+        if not seconds:
+            start = time.perf_counter()
+            evaluate(vae, RandomPolyMNIST(8, 2), train_set, cfg(False, image_decoder=image_decoder), Path(cache),
+                     figures=False)
+            print(f"classifiers trained and cached (not timed below): {time.perf_counter() - start:.1f} s")
+        for fd_bootstrap, channels_last in settings:
+            start = time.perf_counter()
+            metrics = evaluate(vae, test_set, train_set, cfg(fd_bootstrap, channels_last, image_decoder), Path(cache),
+                               figures=False)
+            key = image_decoder, fd_bootstrap, channels_last
+            seconds[key] = time.perf_counter() - start
+            print(f"standard protocol, feed-forward PolyMNIST model ({image_decoder} image decoders): "
+                  f"{metrics['num_examples']} examples x {metrics['protocol']['num_given_subsets']} given subsets, "
+                  f"bootstrap {args.bootstrap}, FD bootstrap {'on' if fd_bootstrap else 'off'}, channels_last "
+                  f"{'on' if channels_last else 'off'}: {seconds[key]:.1f} s")
+        if args.compare_channels_last:
+            print(f"channels_last speed-up ({image_decoder}, same run, FD bootstrap off): "
+                  f"{seconds[image_decoder, False, False] / seconds[image_decoder, False, True]:.2f}x")
+    first = args.image_decoders[0]
+    for other in args.image_decoders[1:]:
+        print(f"{first} / {other} time (same run, FD bootstrap off, channels_last on): "
+              f"{seconds[first, False, True] / seconds[other, False, True]:.2f}x")
 
     dcfg = compose("polymnist_diffmvae_star_cpu")
     decoder = build_model(dcfg).modalities["m0"].decoder.eval()
