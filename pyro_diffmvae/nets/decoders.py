@@ -40,8 +40,9 @@ class ConvDecoder(nn.Module):
 class CompactConvDecoder(nn.Module):
     r"""A light transposed-conv decoder ``z -> (C, S, S)``, about a tenth of :class:`ConvDecoder`'s cost.
 
-    A linear layer to a ``(4w, s_0, s_0)`` map, then 3×3 stride-2 transposed convolutions that halve the
-    channels (at least ``w``), the last one straight to ``C`` channels, SiLU between. The sizes run
+    A linear layer to a ``(w·2^min(n−1, 2), s_0, s_0)`` map (``n`` upsamplings: ``4w`` from three on), then
+    3×3 stride-2 transposed convolutions that halve the channels down to ``w``, the last one straight to ``C``
+    channels, SiLU between. The sizes run
     backwards from ``S`` by halving, rounded up, until at most 4 (28 → 14 → 7 → 4); a 3×3 stride-2
     transposed convolution (padding 1) maps ``s`` to ``2s − 1 + p`` with the output padding
     ``p = s_{next} − (2s − 1) ∈ {0, 1}``. At 28 px and ``w = 32`` (128 → 64 → 32 → 3) it costs
