@@ -243,12 +243,17 @@ def columns_some_run_has(columns: Sequence[Column], runs: Mapping[str, list[dict
     return [c for c in columns if any(c[1](m) is not None for seeds in runs.values() for m in seeds)]
 
 
+def _format_value(value: float | int) -> str:
+    """A count (an ``int``: steps) without decimals, a measurement (a ``float``, even a whole one) with three."""
+    return f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
+
+
 def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> list[list[str]]:
     """Rows ``[preset, "mean ± std (n)" ...]``; a value of one seed with its run's standard error (a reader's
-    ``se``) is ``"value [SE se] (1)"``, without one ``"value (1)"`` (whole numbers such as steps without
-    decimals, as is an integer every seed shares, e.g. ``"600 (2)"`` steps); a value missing in every seed
-    is "–"; a text column (its reader returns
-    strings) lists the distinct values over the seeds."""
+    ``se``) is ``"value [SE se] (1)"``, without one ``"value (1)"``, and a count every seed shares
+    ``"value (n)"`` (e.g. ``"600 (2)"`` steps; :func:`_format_value`: counts without decimals, measurements
+    with three); a value missing in every seed is "–"; a text column (its reader returns strings) lists the
+    distinct values over the seeds."""
     rows = []
     for preset, seeds in sorted(runs.items()):
         row = [preset]
@@ -262,10 +267,9 @@ def build_table(runs: Mapping[str, list[dict]], columns: Sequence[Column]) -> li
                 row.append(" / ".join(sorted(set(vals))))
             elif se is not None:
                 row.append(f"{vals[0]:.3f} [SE {se:.3f}] (1)")
-            elif len(vals) == 1:  # one seed and no SE: the value alone (a spread of 0 would say nothing)
-                row.append(f"{vals[0]:.0f} (1)" if float(vals[0]).is_integer() else f"{vals[0]:.3f} (1)")
-            elif len(set(vals)) == 1 and all(isinstance(v, int) for v in vals):  # a count all seeds share (steps)
-                row.append(f"{vals[0]:.0f} ({len(vals)})")
+            elif len(vals) == 1 or (len(set(vals)) == 1 and all(isinstance(v, int) for v in vals)):
+                # one seed without an SE, or a count every seed shares (steps): the value alone
+                row.append(f"{_format_value(vals[0])} ({len(vals)})")
             else:
                 mean, std = _mean_std(vals)
                 row.append(f"{mean:.3f} ± {std:.3f} ({len(vals)})")

@@ -46,8 +46,9 @@ def test_celebamask_table_columns_follow_the_given_subsets(tmp_path):
     assert header == ("| preset | image FD_classifier given attributes | attribute F1 of the image read back, given attributes "
                       "| attributes F1 given image | image FD_classifier unconditional score prior | agreement unconditional "
                       "score prior | train s |")
-    # one seed without SEs: the values alone (whole numbers without decimals), not a spread of 0
-    assert "| 12.500 (1) | 0.600 (1) | 0.800 (1) | 30 (1) | 0.250 (1) | 1800 (1) |" in md
+    # one seed without SEs: the values alone, not a spread of 0; a measurement that came out whole (FD 30.0,
+    # 1800.0 s) keeps its decimals like every other measurement: only counts (steps) are printed without
+    assert "| 12.500 (1) | 0.600 (1) | 0.800 (1) | 30.000 (1) | 0.250 (1) | 1800.000 (1) |" in md
     assert not (tmp_path / "results" / "table1_cub.md").exists()  # no CUB runs, no CUB tables
     assert not (tmp_path / "results" / "table2_cub_clip.md").exists()
 
@@ -112,6 +113,7 @@ def test_a_step_budget_all_seeds_share_is_printed_once_and_differing_counts_get_
     assert same == [["p", "600 (2)"]]
     differ = paper_tables.build_table({"p": [{"training": {"steps": 600}}, {"training": {"steps": 604}}]}, [steps])
     assert differ == [["p", "602.000 ± 2.828 (2)"]]  # sample std of 600 and 604
+    assert paper_tables.build_table({"p": [{"training": {"steps": 600}}]}, [steps]) == [["p", "600 (1)"]]
     fd = ("FD", paper_tables._get("fd"))  # a float metric equal in both seeds keeps its spread of zero
     assert paper_tables.build_table({"p": [{"fd": 30.0}, {"fd": 30.0}]}, [fd]) == [["p", "30.000 ± 0.000 (2)"]]
 
@@ -144,7 +146,7 @@ def test_cub_clip_table_means_and_says_when_no_clip_model_was_given(tmp_path):
     rows = (tmp_path / "results" / "table2_cub_clip.csv").read_text().splitlines()
     assert rows[2] == "cub_mopoe_cpu,–,–,none given"
     # Table 1 still comes from the same runs
-    assert "| cub_mopoe_cpu | 50 (1) |" in (tmp_path / "results" / "table1_cub.md").read_text()
+    assert "| cub_mopoe_cpu | 50.000 (1) |" in (tmp_path / "results" / "table1_cub.md").read_text()
 
 
 def test_clip_table_without_any_clip_run_has_only_empty_cells(tmp_path):
