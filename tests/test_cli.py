@@ -144,12 +144,14 @@ def test_the_polymnist_lever_presets_differ_from_their_twin_only_in_the_lever():
     assert shared == twin
 
 
-def test_the_guided_table3_preset_differs_from_its_twin_only_in_dropout_and_guidance():
-    # The guided row of the CPU Table 3 must be Diff-MVAE*-v with conditioning dropout, evaluated at w = 2, and
-    # nothing else. Catches a guided preset that drops the dropout (guidance would then be refused), evaluates
-    # at another weight, or changes the data, the budget or the sampler of its row.
-    twin = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu")
-    guided = _compose("experiment=celebamask_hq_diffmvae_star_v_guided_cpu")
+@pytest.mark.parametrize("twin_preset", ["celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu"])
+def test_the_guided_table3_presets_differ_from_their_twins_only_in_dropout_and_guidance(twin_preset):
+    # A guided row of the CPU Table 3 must be its twin (Diff-MVAE*-v; the paper's objective with a v-network)
+    # with conditioning dropout, evaluated at w = 2, and nothing else. Catches a guided preset that drops the
+    # dropout (guidance would then be refused), evaluates at another weight, or changes the objective, the
+    # data, the budget or the sampler of its row.
+    twin = _compose(f"experiment={twin_preset}")
+    guided = _compose(f"experiment={twin_preset.removesuffix('_cpu')}_guided_cpu")
     assert guided.model.diffusion.cond_dropout == 0.1 and twin.model.diffusion.cond_dropout == 0.0
     assert guided.evaluation.guidance == 2.0 and twin.evaluation.guidance is None
     guided.model.diffusion.cond_dropout, guided.evaluation.guidance = 0.0, None
