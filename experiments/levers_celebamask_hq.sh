@@ -24,6 +24,7 @@ LEVERS=(
   "high_noise|weighting=high_noise"
   "beta_0.5|model.beta=0.5"
   "kl_warmup_500|trainer.kl_warmup_steps=500"
+  "free_bits_0.25|model.objective=elbo_free_bits +model.objective_params.nats_per_dim=0.25"
   "cond_dropout_0.1_w2|model.diffusion.cond_dropout=0.1 evaluation.guidance=2.0"
 )
 names=" ${LEVERS[*]%%|*} "

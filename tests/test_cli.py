@@ -144,6 +144,33 @@ def test_the_polymnist_lever_presets_differ_from_their_twin_only_in_the_lever():
     assert shared == twin
 
 
+def _levers(script: Path) -> list[tuple[str, list[str]]]:
+    """The (name, overrides) rows of a lever script's ``LEVERS=( "name|overrides" ... )`` array."""
+    text = script.read_text()
+    block = text[text.index("LEVERS=(") + len("LEVERS=("):]
+    block = block[:block.index("\n)")]
+    rows = [line.strip().strip('"') for line in block.splitlines() if line.strip().startswith('"')]
+    return [(row.split("|", 1)[0], row.split("|", 1)[1].split()) for row in rows]
+
+
+def test_every_celebamask_lever_composes_with_its_preset_and_passes_the_settings_check():
+    # Catches a lever row whose override names a key that does not exist or a value out of range: the lever
+    # script would start a 17-minute run that fails, or (a misspelt key) one that silently measures the baseline.
+    from pyro_diffmvae.builders import build_objective
+    from pyro_diffmvae.settings import check_settings
+
+    levers = _levers(Path(__file__).parents[1] / "experiments" / "levers_celebamask_hq.sh")
+    assert [name for name, _ in levers][:2] == ["baseline", "eps_mse"] and len(levers) >= 8
+    base = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu")
+    for name, overrides in levers:
+        cfg = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *overrides)
+        check_settings(cfg, "train")
+        build_objective(cfg)
+        assert (cfg == base) == (name == "baseline"), name  # every other row changes something
+    free_bits = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *dict(levers)["free_bits_0.25"])
+    assert build_objective(free_bits).nats_per_dim == 0.25
+
+
 @pytest.mark.parametrize("twin_preset", ["celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu"])
 def test_the_guided_table3_presets_differ_from_their_twins_only_in_dropout_and_guidance(twin_preset):
     # A guided row of the CPU Table 3 must be its twin (Diff-MVAE*-v; the paper's objective with a v-network)

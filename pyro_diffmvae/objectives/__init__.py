@@ -9,6 +9,8 @@ editing (or subclassing) one file.
 
 * ``elbo`` (:mod:`.subset_elbo`) — Pyro's ``TraceMeanField_ELBO`` on ``vae.model``/``vae.guide``:
   the Diff-MVAE / MoPoE subset ELBO (paper eq. 3–5; ``docs/design.md`` §2) with the vae's fusion;
+* ``elbo_free_bits`` (:mod:`.free_bits`) — that ELBO with free bits: each latent dimension's batch-mean
+  KL counts as at least λ nats (Kingma et al. 2016), a lever against posterior collapse;
 * ``mvae`` (:mod:`.mvae`) — Wu & Goodman 2018, the sub-sampled ELBO(X) + Σ_m ELBO(x_m) (+ k
   subsets); PoE with the prior expert;
 * ``mmvae`` (:mod:`.mmvae`) — Shi et al. 2019, the stratified bound weighted with the mixture
@@ -51,6 +53,7 @@ from __future__ import annotations
 from .base import (CallableObjective, Objective, as_objective, mixture_of_experts_posterior,
                    product_of_experts_posterior, weights_are_unit, beta_elbo_is_bound)
 from .gaussian import ESTIMATORS
+from .free_bits import FreeBitsELBO, latent_kl_per_dim
 from .mmvae import MMVAE
 from .mmvae_plus import MMVAEPlus
 from .mvae import MVAE
@@ -69,6 +72,8 @@ __all__ = [
     "bind_objective",
     "ELBO",
     "elbo_terms",
+    "FreeBitsELBO",
+    "latent_kl_per_dim",
     "MVAE",
     "MMVAE",
     "MVTCAE",
@@ -84,6 +89,7 @@ __all__ = [
 #: objective name -> class; ``make_objective(name, **hyperparameters)`` builds one
 OBJECTIVES: dict[str, type] = {
     "elbo": ELBO,
+    "elbo_free_bits": FreeBitsELBO,
     "mvae": MVAE,
     "mmvae": MMVAE,
     "mvtcae": MVTCAE,
