@@ -1,8 +1,10 @@
-r"""The subset ELBO with free bits (Kingma et al. 2016, §C.8): a lever against posterior collapse (issue 14).
+r"""The subset ELBO with free bits: a lever against posterior collapse (issue 14). Free bits are from Kingma et al.
+2016, *Improved variational inference with inverse autoregressive flow*.
 
 A decoder that can model its modality without z (a diffusion decoder above all) makes switching the
 encoder off the cheaper optimum: every nat put into z costs β nats of KL before the decoder learns to
-use it. Free bits waive that cost up to λ nats per latent dimension, measured on the batch:
+use it. Free bits waive that cost up to λ nats per latent dimension (``nats_per_dim``; not the likelihood
+weights λ_m), measured on the batch:
 
 .. math:: -\mathcal L_\lambda = -\sum_b \Big[\sum_m \lambda_m \log p(x^m_b\mid z_b)\Big]
           + \beta\, B \sum_d \max\Big(\lambda,\ \frac1B \sum_b \mathrm{KL}_{b,d}\Big),
