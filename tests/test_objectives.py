@@ -458,6 +458,7 @@ def paired_views(n, seed):
 
 TRAIN_SETTINGS = {
     "elbo": ({}, dict(fusion="mopoe")),
+    "elbo_free_bits": ({"nats_per_dim": 0.5}, dict(fusion="mopoe")),
     "mvae": ({}, dict(fusion="poe", prior_expert=True)),
     "mmvae": ({"estimator": "dreg", "num_samples": 2}, dict(prior_expert=False)),
     "mvtcae": ({}, dict(prior_expert=False)),
