@@ -30,12 +30,11 @@ import math
 from typing import Mapping
 
 import torch
-from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from .subset_elbo import ELBO, elbo_terms
+from .subset_elbo import ELBO, elbo_terms, elbo_traces
 
 __all__ = ["FreeBitsELBO", "latent_kl_per_dim"]
 
@@ -78,27 +77,26 @@ class FreeBitsELBO(ELBO):
         super().__init__(num_particles)
         self.nats_per_dim = float(nats_per_dim)
 
-    def _one_draw(self, vae, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        guide_trace = poutine.trace(vae.guide).get_trace(batch)
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(batch)
-        model_trace.compute_log_prob()
+    def _one_draw(self, vae, batch: Mapping):
+        """``(-L_λ summed over the batch, the per-dimension KLs, the draw's traces)``."""
+        traces = guide_trace, model_trace = elbo_traces(vae, batch)
         B = vae.parse_batch(batch)[2]
         loglik = sum(site["log_prob_sum"] for site in model_trace.nodes.values()
                      if site["type"] == "sample" and site["is_observed"])
         kl = latent_kl_per_dim(model_trace, guide_trace, vae.beta)
         penalty = sum(torch.clamp(k / B, min=self.nats_per_dim).sum() for k in kl.values())
-        return -loglik + vae.beta * B * penalty, kl
+        return -loglik + vae.beta * B * penalty, kl, traces
 
     def loss(self, vae, batch: Mapping) -> torch.Tensor:
         """``-L_λ`` summed over the batch, averaged over the particles (differentiable)."""
         return sum(self._one_draw(vae, batch)[0] for _ in range(self.num_particles)) / self.num_particles
 
     def terms(self, vae, batch: Mapping) -> dict[str, torch.Tensor]:
-        """:func:`elbo_terms` of one draw (the ELBO, not clamped) plus ``"loss"`` = ``-L_λ`` per example of
-        another draw, and ``"kl_dims_below_free_bits"``: the latent dimensions whose batch-mean KL is below λ
-        (collapsed, or not yet used)."""
-        terms = elbo_terms(vae, batch)
-        loss, kl = self._one_draw(vae, batch)
+        """:func:`elbo_terms` (the ELBO, not clamped) plus ``"loss"`` = ``-L_λ`` per example, both of one draw,
+        and ``"kl_dims_below_free_bits"``: the latent dimensions whose batch-mean KL is below λ (collapsed, or
+        not yet used)."""
+        loss, kl, traces = self._one_draw(vae, batch)
+        terms = elbo_terms(vae, batch, traces)
         B = vae.parse_batch(batch)[2]
         terms["loss"] = loss / B
         terms["kl_dims_below_free_bits"] = sum((k / B < self.nats_per_dim).sum() for k in kl.values()).float()

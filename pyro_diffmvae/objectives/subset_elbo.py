@@ -31,7 +31,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .base import Objective, beta_elbo_is_bound
 
-__all__ = ["ELBO", "elbo_terms"]
+__all__ = ["ELBO", "elbo_terms", "elbo_traces"]
 
 
 class ELBO(Objective):
@@ -69,17 +69,24 @@ class ELBO(Objective):
         return f"ELBO(num_particles={self.num_particles})"
 
 
-def elbo_terms(vae, batch: Mapping) -> dict[str, torch.Tensor]:
+def elbo_traces(vae, batch: Mapping):
+    """One draw of the guide and the model replayed on it, log-densities computed: ``(guide_trace, model_trace)``."""
+    guide_trace = poutine.trace(vae.guide).get_trace(batch)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(batch)
+    model_trace.compute_log_prob()
+    return guide_trace, model_trace
+
+
+def elbo_terms(vae, batch: Mapping, traces=None) -> dict[str, torch.Tensor]:
     r"""The parts of the (subset) ELBO estimate for one draw, per example of the batch.
 
     Returns ``{"loglik/<name>": Σ weighted log p(x^m|z), "kl": KL(q‖p) (without β; summed over the
     latent sites when there are several), "elbo": the
     objective that ``TraceMeanField_ELBO`` maximises, i.e. Σ_m loglik − β·KL}``, each divided by
-    the batch size. ω weights and availability masks are applied as in the ELBO.
+    the batch size. ω weights and availability masks are applied as in the ELBO. ``traces``: the
+    :func:`elbo_traces` of a draw already made (default: a new draw).
     """
-    guide_trace = poutine.trace(vae.guide).get_trace(batch)
-    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(batch)
-    model_trace.compute_log_prob()
+    guide_trace, model_trace = elbo_traces(vae, batch) if traces is None else traces
     B = vae.parse_batch(batch)[2]
     out: dict[str, torch.Tensor] = {}
     elbo = 0.0
