@@ -64,6 +64,8 @@ def test_defaults_are_diffmvae_star_v():
     (["model=diffmvae_star_vpred"], ("diffmvae_star_vpred", "simple", "v", "ddim", 50)),
     (["experiment=celebamask_hq_diffmvae_star_vpred_cpu"], ("diffmvae_star_vpred", "simple", "v", "ddim", 50)),
     (["model=diffmvae"], ("diffmvae", "likelihood", "eps", "sde", 1000)),
+    (["model=diffmvae_vpred"], ("diffmvae_vpred", "likelihood", "v", "sde", 1000)),
+    (["experiment=celebamask_hq_diffmvae_vpred_cpu"], ("diffmvae_vpred", "likelihood", "v", "sde", 1000)),
     (["model=diffmvae_star", "weighting=v_mse"], ("diffmvae_star", "v_mse", "eps", "ddim", 50)),  # the user wins
     *[([f"experiment={d}_diffmvae_star_cpu"], ("diffmvae_star", "simple", "eps", "ddim", 50))
       for d in ("shapes", "polymnist", "celebamask_hq", "cub")],
@@ -86,12 +88,14 @@ def test_v_variant_presets_differ_from_the_paper_presets_only_in_the_model():
         assert dict(v.model, name=None, diffusion=None) == dict(paper.model, name=None, diffusion=None)
 
 
-def test_the_vpred_preset_is_the_paper_preset_with_another_prediction_target_only():
-    # diffmvae_star_vpred claims the paper's Diff-MVAE* objective: the same weighting (simple), data, sizes and
-    # budget, only the network's prediction target changed. Catches a vpred preset that also changes the
-    # weighting (it would then be Diff-MVAE*-v under another name) or anything else of its paper twin.
-    paper = _compose("experiment=celebamask_hq_diffmvae_star_cpu")
-    vpred = _compose("experiment=celebamask_hq_diffmvae_star_vpred_cpu")
+@pytest.mark.parametrize("paper_model", ["diffmvae_star", "diffmvae"])
+def test_the_vpred_preset_is_the_paper_preset_with_another_prediction_target_only(paper_model):
+    # diffmvae_star_vpred / diffmvae_vpred claim the paper's Diff-MVAE* / Diff-MVAE objective: the same weighting
+    # (simple / likelihood), data, sizes and budget, only the network's prediction target changed. Catches a vpred
+    # preset that also changes the weighting (it would then be another objective under the paper's name) or
+    # anything else of its paper twin.
+    paper = _compose(f"experiment=celebamask_hq_{paper_model}_cpu")
+    vpred = _compose(f"experiment=celebamask_hq_{paper_model}_vpred_cpu")
     assert (paper.model.diffusion.prediction, vpred.model.diffusion.prediction) == ("eps", "v")
     vpred.model.name, vpred.model.diffusion.prediction = paper.model.name, paper.model.diffusion.prediction
     assert vpred == paper
@@ -113,7 +117,7 @@ def test_model_image_decoder_picks_the_feed_forward_image_decoder():
 
 
 TABLE3_CPU = ["celebamask_hq_diffmvae_star_cpu", "celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu",
-              "celebamask_hq_diffmvae_cpu",
+              "celebamask_hq_diffmvae_cpu", "celebamask_hq_diffmvae_vpred_cpu",
               "celebamask_hq_mopoe_star_cpu", "celebamask_hq_mopoe_cpu", "celebamask_hq_mvtcae_cpu", "celebamask_hq_mmvae_plus_cpu"]
 
 
@@ -127,7 +131,7 @@ def test_the_cpu_table3_presets_differ_only_in_the_model():
             assert cfg[key] == base[key], (preset, key)
         assert (cfg.model.latent_dim, cfg.model.encoder_width, cfg.model.decoder_width) == (32, 32, 32), preset
     assert [_compose(f"experiment={p}").model.name for p in TABLE3_CPU] == [
-        "diffmvae_star", "diffmvae_star_v", "diffmvae_star_vpred", "diffmvae", "mopoe_star", "mopoe", "mvtcae", "mmvae_plus"]
+        "diffmvae_star", "diffmvae_star_v", "diffmvae_star_vpred", "diffmvae", "diffmvae_vpred", "mopoe_star", "mopoe", "mvtcae", "mmvae_plus"]
 
 
 def test_the_polymnist_lever_presets_differ_from_their_twin_only_in_the_lever():

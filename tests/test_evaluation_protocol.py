@@ -256,6 +256,7 @@ def test_the_ledger_says_whether_the_trained_objective_is_a_bound(weighting, ext
     (["model=diffmvae_star"], "diffmvae_star — the paper's Diff-MVAE*: the unweighted eps-MSE"),
     (["model=diffmvae"], "diffmvae — the paper's Diff-MVAE: the likelihood weighting"),
     (["model=diffmvae_star_vpred"], "diffmvae_star_vpred — the paper's Diff-MVAE* objective (the unweighted eps-MSE"),
+    (["model=diffmvae_vpred"], "diffmvae_vpred — the paper's Diff-MVAE objective (the likelihood weighting lambda = g^2"),
     (["model=diffmvae_star_vpred", "model.diffusion.prediction=eps"],
      "diffmvae_star_vpred as changed by this run (prediction eps instead of v: the same objective"),
     (["model=diffmvae_star", "weighting=v_mse"],

@@ -38,6 +38,9 @@ DIFFUSION_PRESETS = {
                                       "eps-prediction"),
     "diffmvae_star_v": ("v_mse", "v", "Diff-MVAE*-v, this library's recommended variant: the v-MSE weighting (not a "
                                       "bound) with v-prediction; not the paper's objective"),
+    "diffmvae_vpred": ("likelihood", "v", "the paper's Diff-MVAE objective (the likelihood weighting lambda = g^2, a "
+                                          "bound) computed from a v-predicting network: the paper's objective, another "
+                                          "parameterisation"),
     "diffmvae_star_vpred": ("simple", "v", "the paper's Diff-MVAE* objective (the unweighted eps-MSE, not a bound) "
                                            "computed from a v-predicting network: the paper's objective, another "
                                            "parameterisation"),
