@@ -26,6 +26,7 @@ LEVERS=(
   "kl_warmup_500|trainer.kl_warmup_steps=500"
   "free_bits_0.25|model.objective=elbo_free_bits +model.objective_params.nats_per_dim=0.25"
   "cond_dropout_0.1_w2|model.diffusion.cond_dropout=0.1 evaluation.guidance=2.0"
+  "attributes_weight_30|model.likelihood_weights.attributes=30.0"
 )
 names=" ${LEVERS[*]%%|*} "
 for want in $ONLY; do

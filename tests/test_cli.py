@@ -173,6 +173,8 @@ def test_every_celebamask_lever_composes_with_its_preset_and_passes_the_settings
         assert (cfg == base) == (name == "baseline"), name  # every other row changes something
     free_bits = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *dict(levers)["free_bits_0.25"])
     assert build_objective(free_bits).nats_per_dim == 0.25
+    heavier = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *dict(levers)["attributes_weight_30"])
+    assert (heavier.model.likelihood_weights.attributes, base.model.likelihood_weights.attributes) == (30.0, 10.0)
 
 
 @pytest.mark.parametrize("twin_preset", ["celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu"])
