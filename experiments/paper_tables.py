@@ -203,7 +203,8 @@ JOINT_NOTE = ("Joint NLL: −log p(x) of all modalities per test example (nats) 
               "two-stage models define no joint density to estimate (\"not supported\").")
 
 #: the joint NLL columns of every zoo table (``metrics["joint_log_likelihood"]``)
-JOINT_COLUMNS: list[Column] = [("joint NLL nats", _joint("nll_nats")), ("joint bits/dim", _joint("bits_per_dim"))]
+JOINT_BITS_PER_DIM: Column = ("joint bits/dim", _joint("bits_per_dim"))
+JOINT_COLUMNS: list[Column] = [("joint NLL nats", _joint("nll_nats")), JOINT_BITS_PER_DIM]
 
 
 def _clip_model(metrics: Mapping) -> str:
@@ -308,6 +309,7 @@ def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
     for prior, name in (("normal", "N(0,I)"), ("score", "score prior")):  # unconditional generation (paper: Table 3's last rows)
         cols += [(f"image {fd} unconditional {name}", _get("unconditional", prior, f"image_{fd}")),
                  (f"agreement unconditional {name}", _get("unconditional", prior, "agreement"))]
+    cols += [JOINT_BITS_PER_DIM]  # the comparable unit (the nats are of the images scaled to [-1, 1]: see each report)
     cols += [("train steps", _get("training", "steps")), ("train s", _get("training", "train_seconds"))]
     return columns_some_run_has([WHAT_RAN, *cols], runs)
 
@@ -349,6 +351,8 @@ def table_notes(kind: str, runs: Mapping[str, list[dict]]) -> list[str]:
             return [f"No CLIP model was given (evaluation.clip_model=null) in some runs, so they have no CLIP score: "
                     f"{which}. A preset without any scored run shows \"–\"; the number in brackets counts the scored runs. "
                     "Runs with the override evaluation.clip_model=<local CLIP folder> fill these columns."]
+    if kind == "table3_celebamask_hq" and columns_some_run_has([JOINT_BITS_PER_DIM], runs):
+        return [JOINT_NOTE]
     return []
 
 
