@@ -194,6 +194,7 @@ def _joint(key: str) -> Callable[[Mapping], float | str | None]:
         if not isinstance(joint, Mapping):
             return None
         return _get(key)(joint) if joint.get("supported") else "not supported"
+    read.se = _get("joint_log_likelihood", key + "_se", with_se=False)  # the SE over test examples, for one seed
     return read
 
 

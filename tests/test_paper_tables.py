@@ -65,6 +65,11 @@ def test_table3_reports_the_joint_bits_per_dim_with_its_note_and_only_where_some
     assert "| preset | attributes F1 given image | joint bits/dim |" in md
     assert "| celebamask_hq_diffmvae_vpred_cpu | 0.600 ± 0.000 (2) | 3.600 ± 0.141 (2) |" in md
     assert paper_tables.JOINT_NOTE in md
+    _write(out, "celebamask_hq_mopoe_cpu", 0, {"conditional": {"image": {"attributes_f1": 0.5}},
+           "joint_log_likelihood": {"supported": True, "bits_per_dim": 6.9, "bits_per_dim_se": 0.01}})
+    paper_tables.write_tables(out, tmp_path / "results")  # one seed: the estimate's own SE over the test examples
+    assert "| celebamask_hq_mopoe_cpu | 0.500 (1) | 6.900 [SE 0.010] (1) |" in (tmp_path / "results" / "table3_celebamask_hq.md").read_text()
+    (out / "celebamask_hq_mopoe_cpu" / "seed0" / "metrics.json").unlink()
     (out / "celebamask_hq_diffmvae_vpred_cpu" / "seed0" / "metrics.json").write_text(
         json.dumps({"conditional": {"image": {"attributes_f1": 0.6}}}))
     (out / "celebamask_hq_diffmvae_vpred_cpu" / "seed1" / "metrics.json").write_text(
