@@ -352,8 +352,6 @@ def table_notes(kind: str, runs: Mapping[str, list[dict]]) -> list[str]:
             return [f"No CLIP model was given (evaluation.clip_model=null) in some runs, so they have no CLIP score: "
                     f"{which}. A preset without any scored run shows \"–\"; the number in brackets counts the scored runs. "
                     "Runs with the override evaluation.clip_model=<local CLIP folder> fill these columns."]
-    if kind == "table3_celebamask_hq" and columns_some_run_has([JOINT_BITS_PER_DIM], runs):
-        return [JOINT_NOTE]
     return []
 
 
@@ -385,7 +383,8 @@ def write_tables(out: Path, results: Path) -> list[Path]:
         written += _write_table(results, kind, f"{kind}, evaluation protocol {protocol} (mean ± std over seeds, "
                                 "number of seeds in brackets; [SE ...]: one seed, with its run's standard error; a value "
                                 "alone: one seed)",
-                                header, rows, table_notes(kind, selected))
+                                header, rows,
+                                [*table_notes(kind, selected), *([JOINT_NOTE] if JOINT_BITS_PER_DIM in columns else [])])
     return written
 
 
