@@ -17,6 +17,8 @@ EVAL="evaluation.sampler=dpmpp_2m evaluation.sampler_steps=9 evaluation.coherenc
 # name|overrides (the baseline first; each other row changes one thing). eps_mse is the paper's Diff-MVAE* objective
 # and network; eps_mse_v_pred is that objective with the baseline's v-predicting network: the pair separates the
 # weighting from the parameterisation (experiments/denoising_error.py shows where each network errs)
+# The last two rows compare with cond_dropout_0.1_w2, not the baseline: a larger dropout p, and free bits
+# added to the guided row (the one combination of two levers, named as such)
 LEVERS=(
   "baseline|"
   "eps_mse|weighting=simple model.diffusion.prediction=eps"
@@ -27,6 +29,8 @@ LEVERS=(
   "free_bits_0.25|model.objective=elbo_free_bits +model.objective_params.nats_per_dim=0.25"
   "cond_dropout_0.1_w2|model.diffusion.cond_dropout=0.1 evaluation.guidance=2.0"
   "attributes_weight_30|model.likelihood_weights.attributes=30.0"
+  "cond_dropout_0.2_w2|model.diffusion.cond_dropout=0.2 evaluation.guidance=2.0"
+  "free_bits_0.25_cond_dropout_0.1_w2|model.objective=elbo_free_bits +model.objective_params.nats_per_dim=0.25 model.diffusion.cond_dropout=0.1 evaluation.guidance=2.0"
 )
 names=" ${LEVERS[*]%%|*} "
 for want in $ONLY; do

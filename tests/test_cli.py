@@ -175,6 +175,15 @@ def test_every_celebamask_lever_composes_with_its_preset_and_passes_the_settings
     assert build_objective(free_bits).nats_per_dim == 0.25
     heavier = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *dict(levers)["attributes_weight_30"])
     assert (heavier.model.likelihood_weights.attributes, base.model.likelihood_weights.attributes) == (30.0, 10.0)
+    guided = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *dict(levers)["cond_dropout_0.1_w2"])
+    more_dropout = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *dict(levers)["cond_dropout_0.2_w2"])
+    assert more_dropout.model.diffusion.cond_dropout == 0.2
+    more_dropout.model.diffusion.cond_dropout = 0.1
+    assert more_dropout == guided  # the larger p is that row's only change from the guided row
+    guided_free_bits = _compose("experiment=celebamask_hq_diffmvae_star_v_cpu",
+                                *dict(levers)["free_bits_0.25_cond_dropout_0.1_w2"])
+    assert build_objective(guided_free_bits).nats_per_dim == 0.25
+    assert (guided_free_bits.model.diffusion.cond_dropout, guided_free_bits.evaluation.guidance) == (0.1, 2.0)
 
 
 @pytest.mark.parametrize("twin_preset", ["celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu"])
