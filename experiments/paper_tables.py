@@ -186,6 +186,14 @@ def _get(*keys: str, with_se: bool = True) -> Callable[[Mapping], int | float | 
     return read
 
 
+def _by_num_given(key: str, k: int) -> Callable[[Mapping], int | float | None]:
+    """A reader of ``metrics[key][str(k)]`` (a coherence by number of given modalities); its ``se`` reads the
+    run's standard error, which the evaluation stores beside the dict as ``metrics[key + "_se"][str(k)]``."""
+    read = _get(key, str(k), with_se=False)
+    read.se = _get(key + "_se", str(k), with_se=False)
+    return read
+
+
 def _joint(key: str) -> Callable[[Mapping], float | str | None]:
     """A reader of ``metrics["joint_log_likelihood"][key]``: "not supported" for models it cannot
     score (two-stage), ``None`` for runs evaluated without it."""
@@ -316,8 +324,8 @@ def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
 
 
 def _polymnist_coherence(runs: Mapping[str, list[dict]]) -> list[Column]:
-    missing_targets = [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
-    all_targets = [(f"{k} given (all targets)", _get("coherence_all_targets_by_num_given", str(k))) for k in range(1, 5)]
+    missing_targets = [(f"{k} given (missing targets only)", _by_num_given("coherence_by_num_given", k)) for k in range(1, 5)]
+    all_targets = [(f"{k} given (all targets)", _by_num_given("coherence_all_targets_by_num_given", k)) for k in range(1, 5)]
     unconditional = [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
                      ("unconditional score prior", _get("unconditional", "score", "agreement"))]
     # the coherence and unconditional columns are the table's shape ("–" where a run lacks one); what ran is
@@ -415,7 +423,7 @@ def zoo_presets(dataset: str, models: Sequence[str]) -> list[str]:
 
 def _zoo_coherence_columns(fd: str) -> list[Column]:
     """The zoo columns of a labelled data set: coherence by number of given modalities (missing targets only)."""
-    return [(f"{k} given (missing targets only)", _get("coherence_by_num_given", str(k))) for k in range(1, 5)]
+    return [(f"{k} given (missing targets only)", _by_num_given("coherence_by_num_given", k)) for k in range(1, 5)]
 
 
 def _zoo_factor_columns(fd: str) -> list[Column]:

@@ -196,6 +196,7 @@ def test_zoo_table_rows_follow_the_zoo_order_with_budget_fd_and_published_number
                                                 "unconditional": {"score": {"agreement": 0.25}},
                                                 "joint_log_likelihood": {"supported": False, "reason": "two-stage"}})
     _write(out, "polymnist_mopoe_cpu", 0, {"coherence_by_num_given": {"1": 0.7}, "training": {"steps": 600},
+                                           "coherence_by_num_given_se": {"1": 0.0123},
                                            "joint_log_likelihood": {"supported": True, "nll_nats": 3000.5,
                                                                     "bits_per_dim": 1.25}})
     paths = paper_tables.write_zoo_table(out, tmp_path / "results", "polymnist", ["mopoe", "mvae", "mld"])
@@ -203,6 +204,7 @@ def test_zoo_table_rows_follow_the_zoo_order_with_budget_fd_and_published_number
     rows = [line for line in md.splitlines() if line.startswith("| m")]
     assert [r.split(" | ")[0] for r in rows] == ["| model", "| mopoe", "| mld"]
     assert rows[1].endswith("| 0.66 / 0.77 / 0.81 / 0.83 (Sutter et al. 2021) |")
+    assert "| 600 (1) | – | 0.700 [SE 0.012] (1) | – |" in rows[1]  # one seed: the run's own SE of its coherence
     assert ("| mld | 600 (2) | 10 (2) | 0.500 ± 0.141 (2) | – | – | – | – | "
             "0.250 ± 0.000 (2) | 20.000 ± 0.000 (2) | not supported | not supported | – |") in md
     assert "| 3000.500 (1) | 1.250 (1) | 0.66 / 0.77 / 0.81 / 0.83 (Sutter et al. 2021) |" in rows[1]
