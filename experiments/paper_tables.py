@@ -194,6 +194,11 @@ def _by_num_given(key: str, k: int) -> Callable[[Mapping], int | float | None]:
     return read
 
 
+def _coherence_by_num_given(key: str, convention: str) -> list[Column]:
+    """The four columns "k given (<convention>)", k = 1…4, of ``metrics[key]`` (:func:`_by_num_given`)."""
+    return [(f"{k} given ({convention})", _by_num_given(key, k)) for k in range(1, 5)]
+
+
 def _joint(key: str) -> Callable[[Mapping], float | str | None]:
     """A reader of ``metrics["joint_log_likelihood"][key]``: "not supported" for models it cannot
     score (two-stage), ``None`` for runs evaluated without it."""
@@ -324,8 +329,8 @@ def _table3_celebamask_hq(runs: Mapping[str, list[dict]]) -> list[Column]:
 
 
 def _polymnist_coherence(runs: Mapping[str, list[dict]]) -> list[Column]:
-    missing_targets = [(f"{k} given (missing targets only)", _by_num_given("coherence_by_num_given", k)) for k in range(1, 5)]
-    all_targets = [(f"{k} given (all targets)", _by_num_given("coherence_all_targets_by_num_given", k)) for k in range(1, 5)]
+    missing_targets = _coherence_by_num_given("coherence_by_num_given", "missing targets only")
+    all_targets = _coherence_by_num_given("coherence_all_targets_by_num_given", "all targets")
     unconditional = [("unconditional N(0,I)", _get("unconditional", "normal", "agreement")),
                      ("unconditional score prior", _get("unconditional", "score", "agreement"))]
     # the coherence and unconditional columns are the table's shape ("–" where a run lacks one); what ran is
@@ -423,7 +428,7 @@ def zoo_presets(dataset: str, models: Sequence[str]) -> list[str]:
 
 def _zoo_coherence_columns(fd: str) -> list[Column]:
     """The zoo columns of a labelled data set: coherence by number of given modalities (missing targets only)."""
-    return [(f"{k} given (missing targets only)", _by_num_given("coherence_by_num_given", k)) for k in range(1, 5)]
+    return _coherence_by_num_given("coherence_by_num_given", "missing targets only")
 
 
 def _zoo_factor_columns(fd: str) -> list[Column]:

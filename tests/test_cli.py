@@ -184,6 +184,9 @@ def test_every_celebamask_lever_composes_with_its_preset_and_passes_the_settings
                                 *dict(levers)["free_bits_0.25_cond_dropout_0.1_w2"])
     assert build_objective(guided_free_bits).nats_per_dim == 0.25
     assert (guided_free_bits.model.diffusion.cond_dropout, guided_free_bits.evaluation.guidance) == (0.1, 2.0)
+    # the combined row is exactly the free-bits row's overrides plus the guided row's, nothing else
+    assert guided_free_bits == _compose("experiment=celebamask_hq_diffmvae_star_v_cpu", *dict(levers)["free_bits_0.25"],
+                                        *dict(levers)["cond_dropout_0.1_w2"])
 
 
 @pytest.mark.parametrize("twin_preset", ["celebamask_hq_diffmvae_star_v_cpu", "celebamask_hq_diffmvae_star_vpred_cpu"])
