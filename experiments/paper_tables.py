@@ -20,6 +20,14 @@ Build the tables from whatever runs exist, this script's or a hydra multirun swe
     python experiments/paper_tables.py tables --out experiments/sweeps/zoo
     python experiments/paper_tables.py zoo-table --dataset polymnist --out experiments/sweeps/zoo
 
+Tables that grow over sessions: run directories (checkpoints, samples) are ignored by git and gone in a
+new checkout, so every subcommand takes ``--records <file>.jsonl``, a committed record of each run's
+``metrics.json``: the tables are built from the recorded runs plus those under ``--out``, and the new
+ones are appended to the record (a recorded run is never overwritten)::
+
+    python experiments/paper_tables.py run --seeds 1 --presets celebamask_hq_mopoe_cpu --out experiments/runs/table3_cpu \\
+        --records experiments/results/records/table3_celebamask_hq_cpu.jsonl --results <dir> -- ...
+
 Why ``run`` and ``zoo`` keep their own runner beside multirun: they skip a finished run that ran with
 the same overrides (rerun the same command after a crash or a session's end and only the missing
 runs train), and they refuse one whose overrides differ; ``diffmvae-train -m`` trains every job again
@@ -63,8 +71,12 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 _TRAIN = "import sys; from pyro_diffmvae.cli import train_main; sys.argv[0] = 'diffmvae-train'; train_main()"
 
 
-def run_presets(presets: Sequence[str], seeds: Sequence[int], out: Path, overrides: Sequence[str] = ()) -> list[Path]:
-    """``diffmvae-train experiment=<preset> seed=<k>`` for every pair; returns the run directories."""
+def run_presets(presets: Sequence[str], seeds: Sequence[int], out: Path, overrides: Sequence[str] = (),
+                records: Path | None = None) -> list[Path]:
+    """``diffmvae-train experiment=<preset> seed=<k>`` for every pair; returns the run directories. A pair
+    that is finished under ``out`` or recorded in ``records`` (:func:`update_records`) is not trained again,
+    provided it ran with the same ``overrides``."""
+    recorded = _recorded_overrides(records) if records is not None else {}
     runs = []
     for preset in presets:
         for seed in seeds:
@@ -74,6 +86,11 @@ def run_presets(presets: Sequence[str], seeds: Sequence[int], out: Path, overrid
                 _check_same_overrides(run_dir, overrides)
                 print(f"[paper_tables] {run_dir} is finished; reusing it")
                 continue
+            run_id = f"{preset}/seed{seed}"
+            if run_id in recorded:
+                _check_same_overrides(run_dir, overrides, ran=recorded[run_id], where=f"{run_id} in {records}")
+                print(f"[paper_tables] {run_id} is recorded in {records}; not training it again")
+                continue
             cmd = [sys.executable, "-c", _TRAIN, f"experiment={preset}", f"seed={seed}",
                    f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
             print("[paper_tables] " + " ".join(cmd), flush=True)
@@ -81,18 +98,34 @@ def run_presets(presets: Sequence[str], seeds: Sequence[int], out: Path, overrid
     return runs
 
 
-def _check_same_overrides(run_dir: Path, overrides: Sequence[str]) -> None:
+def _check_same_overrides(run_dir: Path, overrides: Sequence[str], ran: Sequence[str] | None = None,
+                          where: str | None = None) -> None:
     """A finished run is reused only if it ran with the same extra overrides (e.g. the same budget)
-    as asked for now; its ``.hydra/overrides.yaml`` says what it ran with."""
-    stored = run_dir / ".hydra" / "overrides.yaml"
-    if not stored.is_file():
-        return
+    as asked for now; its ``.hydra/overrides.yaml`` (or, for a recorded run, ``ran``) says what it ran with."""
+    if ran is None:
+        ran = _overrides_of(run_dir)
+        if ran is None:
+            return
     own = ("experiment", "seed", "trainer.progress_bar", "hydra.run.dir")  # what run_presets itself passes
-    ran = {line[2:].strip() for line in stored.read_text().splitlines() if line.startswith("- ")}
     differ = sorted(set(overrides) ^ {o for o in ran if o.split("=")[0] not in own})
     if differ:
-        raise SystemExit(f"{run_dir} is finished but ran with other overrides (they differ in {differ}); "
-                         "remove it or choose another --out")
+        raise SystemExit(f"{where or run_dir} is finished but ran with other overrides (they differ in {differ}); "
+                         "remove it or choose another --out" + (" and --records" if where else ""))
+
+
+def _overrides_of(run_dir: Path) -> list[str] | None:
+    """The overrides a run ran with (its ``.hydra/overrides.yaml``), or None without that file."""
+    stored = run_dir / ".hydra" / "overrides.yaml"
+    if not stored.is_file():
+        return None
+    return [line[2:].strip() for line in stored.read_text().splitlines() if line.startswith("- ")]
+
+
+def _recorded_overrides(records: Path) -> dict[str, list[str]]:
+    """``{run id: overrides}`` of the runs in ``records`` that recorded their overrides."""
+    read_records(records)  # a malformed file is refused with its line
+    lines = [json.loads(line) for line in records.read_text().splitlines() if line.strip()] if records.is_file() else []
+    return {r["run"]: r["overrides"] for r in lines if r.get("overrides") is not None}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -103,27 +136,96 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def collect(out: Path) -> dict[str, list[dict]]:
-    """``{preset: [metrics of each seed]}`` from ``<out>/<preset>/seed*/metrics.json`` (this script's
-    runs), from ``<out>/<preset>/seed*/eval_<label>/metrics.json`` (a trained run evaluated again with
+def collect(out: Path, records: Path | None = None) -> dict[str, list[dict]]:
+    """``{row: [metrics of each run]}`` from ``<out>/<preset>/seed*/metrics.json`` (this script's
+    runs), from ``<out>/<preset>/seed*/eval_*/metrics.json`` (a trained run evaluated again with
     other settings, ``diffmvae-evaluate ... hydra.run.dir=<run>/eval_<label>``: row ``"<preset> [<label>]"``,
     with the run's training figures) and from ``<out>/<job>/metrics.json`` (a hydra multirun sweep, ``diffmvae-train -m``), whose
-    rows are named by :func:`sweep_label`."""
-    found: dict[str, list[dict]] = {}
+    rows are named by :func:`sweep_label`; with ``records``, also from that run-record file (:func:`read_records`),
+    which is then brought up to date with the runs under ``out`` (:func:`update_records`)."""
+    found = runs_under(out)
+    if records is not None:
+        found = update_records(records, found, out)
+    rows: dict[str, list[dict]] = {}
+    for run_id in sorted(found):
+        row, metrics = found[run_id]
+        rows.setdefault(row, []).append(metrics)
+    return rows
+
+
+def runs_under(out: Path) -> dict[str, tuple[str, dict]]:
+    """``{run id: (row, metrics)}`` for every run under ``out`` (the layouts of :func:`collect`); the run id
+    is the run's directory relative to ``out`` (``<preset>/seed1``, ``<preset>/seed1/eval_w1``, ``<job>``)."""
+    found: dict[str, tuple[str, dict]] = {}
     for path in sorted(out.glob("*/seed*/metrics.json")):
-        found.setdefault(path.parent.parent.name, []).append(json.loads(path.read_text()))
+        found[path.parent.relative_to(out).as_posix()] = (path.parent.parent.name, json.loads(path.read_text()))
     for path in sorted(out.glob("*/seed*/eval_*/metrics.json")):  # re-evaluations of a trained run (diffmvae-evaluate)
         run = path.parent.parent
         metrics = json.loads(path.read_text())
         trained = run / "metrics.json"
         if "training" not in metrics and trained.is_file():  # the model's training is the run's
             metrics["training"] = json.loads(trained.read_text()).get("training")
-        found.setdefault(f"{run.parent.name} [{path.parent.name[len('eval_'):]}]", []).append(metrics)
+        found[path.parent.relative_to(out).as_posix()] = (f"{run.parent.name} [{path.parent.name[len('eval_'):]}]",
+                                                          metrics)
     for path in sorted(out.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
         overrides = path.parent / ".hydra" / "overrides.yaml"
         if overrides.is_file():
-            found.setdefault(sweep_label(_read_overrides(overrides)), []).append(json.loads(path.read_text()))
+            found[path.parent.name] = (sweep_label(_read_overrides(overrides)), json.loads(path.read_text()))
     return found
+
+
+def read_records(records: Path) -> dict[str, tuple[str, dict]]:
+    """The run records of ``records`` (JSON lines ``{"run": id, "row": row, "metrics": {...}}``, see
+    :func:`update_records`) as ``{run id: (row, metrics)}``; a malformed line or a run recorded twice
+    is an error that names the file and the line."""
+    found: dict[str, tuple[str, dict]] = {}
+    if not records.is_file():
+        return found
+    for number, line in enumerate(records.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            run_id, row, metrics = record["run"], record["row"], record["metrics"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"{records}:{number} is not a run record ({{\"run\", \"row\", \"metrics\"}}): {err}")
+        if not (isinstance(run_id, str) and isinstance(row, str) and isinstance(metrics, dict)):
+            raise SystemExit(f"{records}:{number}: run and row must be strings and metrics an object")
+        if run_id in found:
+            raise SystemExit(f"{records}:{number}: run {run_id!r} is recorded twice")
+        found[run_id] = (row, metrics)
+    return found
+
+
+def _canonical(record: tuple[str, dict]) -> str:
+    """A record as comparable text (a NaN in the metrics equals itself here, unlike in ``==``)."""
+    return json.dumps(record, sort_keys=True)
+
+
+def update_records(records: Path, runs: Mapping[str, tuple[str, dict]], out: Path) -> dict[str, tuple[str, dict]]:
+    """Add the runs of ``runs`` (:func:`runs_under`) that ``records`` lacks to it and return every recorded run.
+
+    Why: run directories (checkpoints, samples) are too large to commit and do not outlive a checkout, so a
+    table that grows over several sessions (a second seed, a new row) is rebuilt from the committed record
+    of each run's ``metrics.json`` (with the overrides it ran with, from ``<out>/<run id>/.hydra``) plus the
+    runs of this session. A run that is already recorded with other
+    metrics is refused, naming it: a record is never silently overwritten (remove its line to replace it)."""
+    recorded = read_records(records)
+    new = {}
+    for run_id, (row, metrics) in runs.items():
+        if run_id not in recorded:
+            new[run_id] = (row, metrics)
+        elif _canonical(recorded[run_id]) != _canonical((row, metrics)):
+            raise SystemExit(f"run {run_id!r} is recorded in {records} with other metrics than its metrics.json; "
+                             "remove its line from the record file to replace it, or use another --records")
+    if new:
+        records.parent.mkdir(parents=True, exist_ok=True)
+        with open(records, "a") as f:
+            for run_id in sorted(new):
+                row, metrics = new[run_id]
+                record = {"run": run_id, "row": row, "overrides": _overrides_of(out / run_id), "metrics": metrics}
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+    return {**recorded, **new}
 
 
 def _read_overrides(path: Path) -> list[str]:
@@ -381,9 +483,9 @@ def _write_table(results: Path, name: str, title: str, header: Sequence[str], ro
     return [md, csv_path]
 
 
-def write_tables(out: Path, results: Path) -> list[Path]:
-    """Build every table whose data set has runs under ``out``; returns the files written."""
-    runs = collect(out)
+def write_tables(out: Path, results: Path, records: Path | None = None) -> list[Path]:
+    """Build every table whose data set has runs under ``out`` (or in ``records``); returns the files written."""
+    runs = collect(out, records)
     written = []
     for kind, prefix in TABLES.items():
         selected = {p: s for p, s in runs.items() if p.startswith(prefix)}
@@ -455,12 +557,13 @@ ZOO_LAYOUTS: dict[str, ZooLayout] = {
 }
 
 
-def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str]) -> list[Path]:
+def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str],
+                    records: Path | None = None) -> list[Path]:
     """``zoo_<dataset>.md/.csv``: one row per model (zoo order) with the budget it had, coherence by
     number of given modalities, unconditional coherence with N(0, I) and the latent score prior
     (stage 2 for the two-stage models), and, for PolyMNIST, the published coherences
     (:data:`ZOO_LAYOUTS`)."""
-    runs = collect(out)
+    runs = collect(out, records)
     fd = _fd_name(runs)
     table = f"zoo_{dataset}"
     presets = {f"{dataset}_{m}_cpu" for m in models}
@@ -491,7 +594,8 @@ def write_zoo_table(out: Path, results: Path, dataset: str, models: Sequence[str
     return _write_table(results, table,
                         f"{table}: every model with one budget, evaluation protocol {protocol} (mean ± std over "
                         "seeds, number of seeds in brackets)",
-                        header, rows, [f"Runs under {out}. The published numbers come from other budgets, backgrounds "
+                        header, rows, [f"Runs under {out}" + (f" and recorded in {records}" if records else "")
+                                       + ". The published numbers come from other budgets, backgrounds "
                                        "and classifiers: compare them for order of magnitude only.", JOINT_NOTE])
 
 
@@ -532,19 +636,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     zoo_table.add_argument("--models", nargs="+", default=list(ZOO_MODELS))
     zoo_table.add_argument("--out", type=Path, default=Path("experiments/runs"))
     zoo_table.add_argument("--results", type=Path, default=Path("experiments/results"))
+    for command in (run, zoo, tables, zoo_table):
+        command.add_argument("--records", type=Path, default=None,
+                             help="a run-record file (JSON lines, e.g. experiments/results/records/<table>.jsonl): its "
+                                  "runs join those under --out in the tables, and the runs under --out that it lacks "
+                                  "are added to it, so that a table can grow over sessions whose run directories are gone")
     args = parser.parse_args(argv)
     written = []
     if args.command == "run":
-        run_presets(args.presets, args.seeds, args.out, args.overrides)
+        run_presets(args.presets, args.seeds, args.out, args.overrides, args.records)
     if args.command == "zoo":
         if args.max_steps is not None and args.max_steps < 1:
             raise SystemExit(f"--max-steps must be positive, got {args.max_steps}")
         budget = [] if args.max_steps is None else [f"trainer.max_steps={args.max_steps}"]
-        run_presets(zoo_presets(args.dataset, args.models), args.seeds, args.out, budget + list(args.overrides))
-        written += write_zoo_table(args.out, args.results, args.dataset, args.models)
+        run_presets(zoo_presets(args.dataset, args.models), args.seeds, args.out, budget + list(args.overrides),
+                    args.records)
+        written += write_zoo_table(args.out, args.results, args.dataset, args.models, args.records)
     if args.command == "zoo-table":
-        written += write_zoo_table(args.out, args.results, args.dataset, args.models)
-    for path in written + write_tables(args.out, args.results):
+        written += write_zoo_table(args.out, args.results, args.dataset, args.models, args.records)
+    for path in written + write_tables(args.out, args.results, args.records):
         print(f"[paper_tables] wrote {path}")
 
 

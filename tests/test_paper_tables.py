@@ -299,3 +299,65 @@ def test_guidance_table_reads_each_evaluation_with_its_sampler_and_weight(tmp_pa
                    "0.200 ± 0.010 | – | 1234.6 ± 7.0 | 321.0 |")
     with pytest.raises(SystemExit, match="no <OUT>"):
         guidance_table.main([str(tmp_path / "p0.1_s0")])
+
+
+def _write_with_overrides(out: Path, preset: str, seed: int, metrics: dict, overrides: list[str]) -> Path:
+    _write(out, preset, seed, metrics)
+    run = out / preset / f"seed{seed}"
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return run
+
+
+def test_a_table_grows_over_sessions_from_the_run_records(tmp_path, monkeypatch):
+    """Catches: a second seed's table that loses the first seed once its run directory is gone (a new
+    checkout), a record silently overwritten by a rerun with other numbers, and a recorded run trained again.
+    Seed 0 (coherence 0.6) runs in one session's ``out``, seed 1 (0.8) in the next one's; the table of the
+    second session has both: mean 0.7, sample std sqrt(0.02) = 0.141."""
+    records = tmp_path / "records" / "polymnist.jsonl"
+    budget = ["trainer.max_steps=600"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    _write_with_overrides(first, "polymnist_mopoe_cpu", 0, {**STANDARD, "coherence_by_num_given": {"1": 0.6}},
+                          ["experiment=polymnist_mopoe_cpu", "seed=0", *budget])
+    assert paper_tables.collect(first, records)["polymnist_mopoe_cpu"] == [{**STANDARD, "coherence_by_num_given": {"1": 0.6}}]
+    line = json.loads(records.read_text())
+    assert (line["run"], line["row"], line["overrides"]) == ("polymnist_mopoe_cpu/seed0", "polymnist_mopoe_cpu",
+                                                            ["experiment=polymnist_mopoe_cpu", "seed=0", *budget])
+
+    _write(second, "polymnist_mopoe_cpu", 1, {**STANDARD, "coherence_by_num_given": {"1": 0.8}})
+    paper_tables.write_tables(second, tmp_path / "results", records)
+    row = (tmp_path / "results" / "polymnist_coherence.csv").read_text().splitlines()[1]
+    assert "0.700 ± 0.141 (2)" in row
+    assert len(records.read_text().splitlines()) == 2  # seed 1 appended, seed 0 not written twice
+    assert paper_tables.collect(tmp_path / "empty", records)["polymnist_mopoe_cpu"] == [
+        {**STANDARD, "coherence_by_num_given": {"1": 0.6}}, {**STANDARD, "coherence_by_num_given": {"1": 0.8}}]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(paper_tables.subprocess, "run", no_training)
+    paper_tables.run_presets(["polymnist_mopoe_cpu"], [0], tmp_path / "third", budget, records)
+    with pytest.raises(SystemExit, match=r"polymnist_mopoe_cpu/seed0 in .*other overrides.*trainer.max_steps=900"):
+        paper_tables.run_presets(["polymnist_mopoe_cpu"], [0], tmp_path / "third", ["trainer.max_steps=900"], records)
+
+    rerun = tmp_path / "rerun"
+    _write(rerun, "polymnist_mopoe_cpu", 0, {**STANDARD, "coherence_by_num_given": {"1": 0.5}})
+    with pytest.raises(SystemExit, match=r"'polymnist_mopoe_cpu/seed0' is recorded in .* with other metrics"):
+        paper_tables.collect(rerun, records)
+    assert len(records.read_text().splitlines()) == 2
+
+
+def test_a_malformed_or_duplicated_run_record_is_named_with_its_line(tmp_path):
+    """Catches: a corrupt record file read as if it were empty (a table quietly missing rows) or a raw
+    JSON traceback without the file and line."""
+    records = tmp_path / "r.jsonl"
+    good = json.dumps({"run": "p/seed0", "row": "p", "metrics": {}})
+    records.write_text(good + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"r.jsonl:2 is not a run record"):
+        paper_tables.collect(tmp_path / "out", records)
+    records.write_text(good + "\n" + json.dumps({"run": "p/seed0", "row": "p"}) + "\n")
+    with pytest.raises(SystemExit, match=r"r.jsonl:2 is not a run record.*metrics"):
+        paper_tables.read_records(records)
+    records.write_text(good + "\n" + good + "\n")
+    with pytest.raises(SystemExit, match=r"r.jsonl:2: run 'p/seed0' is recorded twice"):
+        paper_tables.read_records(records)
