@@ -62,6 +62,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,10 +148,15 @@ def collect(out: Path, records: Path | None = None) -> dict[str, list[dict]]:
     if records is not None:
         found = update_records(records, found, out)
     rows: dict[str, list[dict]] = {}
-    for run_id in sorted(found):
+    for run_id in sorted(found, key=_natural):  # seed2 before seed10, sweep job 2 before job 10
         row, metrics = found[run_id]
         rows.setdefault(row, []).append(metrics)
     return rows
+
+
+def _natural(text: str) -> list:
+    """A sort key that orders the numbers inside ``text`` by value."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 def runs_under(out: Path) -> dict[str, tuple[str, dict]]:
@@ -167,7 +173,7 @@ def runs_under(out: Path) -> dict[str, tuple[str, dict]]:
             metrics["training"] = json.loads(trained.read_text()).get("training")
         found[path.parent.relative_to(out).as_posix()] = (f"{run.parent.name} [{path.parent.name[len('eval_'):]}]",
                                                           metrics)
-    for path in sorted(out.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    for path in out.glob("*/metrics.json"):  # a sweep's jobs (ordered by collect)
         overrides = path.parent / ".hydra" / "overrides.yaml"
         if overrides.is_file():
             found[path.parent.name] = (sweep_label(_read_overrides(overrides)), json.loads(path.read_text()))

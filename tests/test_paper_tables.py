@@ -361,3 +361,11 @@ def test_a_malformed_or_duplicated_run_record_is_named_with_its_line(tmp_path):
     records.write_text(good + "\n" + good + "\n")
     with pytest.raises(SystemExit, match=r"r.jsonl:2: run 'p/seed0' is recorded twice"):
         paper_tables.read_records(records)
+
+
+def test_the_runs_of_a_row_are_in_seed_order_seed10_after_seed2(tmp_path):
+    """Catches: runs listed in string order (seed10 before seed2), which scrambles a text column's values
+    (e.g. the samplers of the seeds) against the seed order."""
+    for seed in (10, 2):
+        _write(tmp_path, "polymnist_mopoe_cpu", seed, {"seed": seed})
+    assert [m["seed"] for m in paper_tables.collect(tmp_path)["polymnist_mopoe_cpu"]] == [2, 10]
