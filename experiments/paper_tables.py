@@ -124,9 +124,7 @@ def _overrides_of(run_dir: Path) -> list[str] | None:
 
 def _recorded_overrides(records: Path) -> dict[str, list[str]]:
     """``{run id: overrides}`` of the runs in ``records`` that recorded their overrides."""
-    read_records(records)  # a malformed file is refused with its line
-    lines = [json.loads(line) for line in records.read_text().splitlines() if line.strip()] if records.is_file() else []
-    return {r["run"]: r["overrides"] for r in lines if r.get("overrides") is not None}
+    return {run_id: r["overrides"] for run_id, r in _record_lines(records).items() if r.get("overrides") is not None}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -184,7 +182,12 @@ def read_records(records: Path) -> dict[str, tuple[str, dict]]:
     """The run records of ``records`` (JSON lines ``{"run": id, "row": row, "metrics": {...}}``, see
     :func:`update_records`) as ``{run id: (row, metrics)}``; a malformed line or a run recorded twice
     is an error that names the file and the line."""
-    found: dict[str, tuple[str, dict]] = {}
+    return {run_id: (r["row"], r["metrics"]) for run_id, r in _record_lines(records).items()}
+
+
+def _record_lines(records: Path) -> dict[str, dict]:
+    """``{run id: record}`` of the checked lines of ``records`` (none if the file does not exist yet)."""
+    found: dict[str, dict] = {}
     if not records.is_file():
         return found
     for number, line in enumerate(records.read_text().splitlines(), 1):
@@ -199,7 +202,7 @@ def read_records(records: Path) -> dict[str, tuple[str, dict]]:
             raise SystemExit(f"{records}:{number}: run and row must be strings and metrics an object")
         if run_id in found:
             raise SystemExit(f"{records}:{number}: run {run_id!r} is recorded twice")
-        found[run_id] = (row, metrics)
+        found[run_id] = record
     return found
 
 
