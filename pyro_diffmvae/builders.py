@@ -75,7 +75,9 @@ def modality_specs(cfg: DictConfig) -> dict[str, dict]:
 def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None = None):
     """The decoder of modality ``name``: a diffusion decoder for ``dataset.diffusion_modalities`` (its UNet
     taken from ``shared_unets`` by image shape, and made there if missing, when ``model.unet.shared``: see
-    :mod:`~pyro_diffmvae.nets.shared_unet`), else :func:`build_decoder`'s feed-forward one."""
+    :mod:`~pyro_diffmvae.nets.shared_unet`), else :func:`build_decoder`'s feed-forward one. With
+    ``model.unet.hint`` the diffusion decoder's UNet also sees the mean of :func:`build_decoder`'s feed-forward
+    decoder of the modality (:mod:`~pyro_diffmvae.nets.hint`)."""
     m = cfg.model
     D = m.latent_dim
     shape = spec["shape"]
@@ -86,10 +88,14 @@ def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None =
         if len(shape) != 3:
             raise ValueError(f"modality {name!r}: diffusion decoders are for images, its shape is {shape}")
         u = m.unet
+        hinted = u.get("hint", False)
+        if not isinstance(hinted, bool):
+            raise ValueError(f"model.unet.hint must be true or false, got {hinted!r}")
 
         def make_unet():
             return ConditionalUNet(
-                in_channels=shape[0], image_size=shape[1], z_dim=D, base_channels=u.base_channels,
+                in_channels=shape[0] * (2 if hinted else 1), out_channels=shape[0], image_size=shape[1], z_dim=D,
+                base_channels=u.base_channels,
                 channel_mults=tuple(u.channel_mults), num_res_blocks=u.num_res_blocks,
                 attention_resolutions=tuple(u.attention_resolutions), z_spatial_channels=u.z_spatial_channels,
             )
@@ -97,7 +103,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None =
             if shared_unets is None:
                 raise ValueError("model.unet.shared=true needs the UNets shared across the model's decoders "
                                  "(build the model with build_model)")
-            key = tuple(shape)
+            key = (tuple(shape), hinted)
             if key not in shared_unets:
                 shared_unets[key] = make_unet()
             unet = ModalityOffset(shared_unets[key], D)
@@ -110,6 +116,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None =
             num_draws=diff.num_draws, time_sampling=cfg.weighting.time_sampling,
             sampler=diff.sampler, sampler_steps=diff.sampler_steps, output_range=(-1.0, 1.0),
             cond_dropout=diff.get("cond_dropout", 0.0), guidance=diff.get("guidance", 1.0), latent_dim=D,
+            hint=build_decoder(name, spec, cfg) if hinted else None,
         )
     return build_decoder(name, spec, cfg)
 

@@ -18,6 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .nets.hint import HintedEps, find_hint
 from .nets.parameterization import EpsFromPrediction
 from .likelihoods import ScoreMatchingLikelihood
 from . import samplers as _samplers
@@ -94,18 +95,23 @@ class FeedForwardDecoder(nn.Module):
         cls = dist.Normal if self.likelihood == "normal" else dist.Laplace
         return cls(params, self.log_scale.exp().expand(params.shape)).to_event(n)
 
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean at z, differentiable: probabilities (Bernoulli) or locations (Normal/Laplace).
+        A Categorical has no mean: :meth:`generate` gives its most likely token."""
+        if self.likelihood == "categorical":
+            raise ValueError("a categorical likelihood has no mean; generate() gives the most likely token")
+        params = self._params(z)
+        return torch.sigmoid(params) if self.likelihood == "bernoulli" else params
+
     @torch.no_grad()
     def generate(self, z: torch.Tensor, mean: bool = True, **_) -> torch.Tensor:
         """Decode z: the likelihood's mean (probabilities, locations; the most likely token for
         Categorical) when ``mean=True``, else a sample."""
-        params = self._params(z)
         if not mean:
             return self(z).sample()
-        if self.likelihood == "bernoulli":
-            return torch.sigmoid(params)
         if self.likelihood == "categorical":
-            return params.argmax(-1)
-        return params
+            return self._params(z).argmax(-1)
+        return self.mean(z)
 
     def check_data(self, name: str, x: torch.Tensor) -> None:
         if self.likelihood == "categorical":
@@ -159,6 +165,9 @@ class DiffusionDecoder(nn.Module):
         bf16 autocast, the sampler in float32 (:mod:`~pyro_diffmvae.sampling_precision`; faster on CPUs with
         AVX512-BF16 and on GPUs). Settable later (``decoder.sample_precision = "bf16"``).
     :param latent_dim: the size of z, for the null latent (only with ``cond_dropout > 0``).
+    :param hint: a feed-forward decoder of the modality whose mean :math:`\hat x_\phi(z)` the ε-network also
+        sees, concatenated to :math:`x_t` (:class:`~pyro_diffmvae.nets.hint.HintedEps`; ``eps_net`` then takes
+        twice the image's channels). ``None`` (default): no hint. The objective is unchanged by it.
     """
 
     is_diffusion = True
@@ -181,6 +190,7 @@ class DiffusionDecoder(nn.Module):
         guidance: float = 1.0,
         latent_dim: int | None = None,
         sample_precision: str = "fp32",
+        hint: nn.Module | None = None,
     ):
         super().__init__()
         self.cond_dropout = check_cond_dropout(cond_dropout)
@@ -194,6 +204,8 @@ class DiffusionDecoder(nn.Module):
         self.event_shape = torch.Size(event_shape)
         self.sde = sde if sde is not None else VPSDE()
         self.prediction = prediction
+        if hint is not None:
+            eps_net = HintedEps(eps_net, hint)
         self.eps_net = eps_net if prediction == "eps" else EpsFromPrediction(eps_net, self.sde, prediction)
         self.likelihood_kwargs = dict(
             weighting=weighting,
@@ -227,6 +239,11 @@ class DiffusionDecoder(nn.Module):
     @sample_precision.setter
     def sample_precision(self, name: str) -> None:
         self._sample_precision = check_sample_precision(name)
+
+    @property
+    def hint(self) -> nn.Module | None:
+        """The feed-forward hint decoder the ε-network sees (:mod:`~pyro_diffmvae.nets.hint`), or None."""
+        return find_hint(self.eps_net)
 
     @property
     def is_bound(self) -> bool:

@@ -153,6 +153,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "model.diffusion.num_draws": _positive_int,
     "model.diffusion.cond_dropout": _probability_below_one,
     "model.unet.shared": _boolean,
+    "model.unet.hint": _boolean,
     "model.diffusion.guidance": _non_negative_real,
     "model.two_stage.sampler": _sampler,
     "model.two_stage.sampler_steps": _positive_int,
@@ -236,7 +237,7 @@ def check_settings(cfg: DictConfig, app: str) -> None:
         if must is not None:
             problems.append(f"{key}={value!r}: must be {must}")
     if app == "train":
-        problems += _guidance_without_dropout(cfg)
+        problems += _guidance_without_dropout(cfg) + _hint_objective_without_hint(cfg)
     if problems:
         raise ValueError("bad settings (nothing was run):\n  " + "\n  ".join(problems))
 
@@ -255,4 +256,16 @@ def _guidance_without_dropout(cfg: DictConfig) -> list[str]:
         return [f"evaluation.guidance={w!r}: needs a model trained with model.diffusion.cond_dropout > 0 (the null "
                 "latent of the unconditional half); this one trains with cond_dropout=0, so its evaluation would fail "
                 "after training"]
+    return []
+
+
+def _hint_objective_without_hint(cfg: DictConfig) -> list[str]:
+    """``model.objective=elbo_hint`` trains the hint decoders that only ``model.unet.hint=true`` gives the diffusion
+    decoders (:mod:`~pyro_diffmvae.nets.hint`); without them its hint term would be empty."""
+    objective = OmegaConf.select(cfg, "model.objective", default="elbo")
+    hint = OmegaConf.select(cfg, "model.unet.hint", default=False)
+    diffusion = OmegaConf.select(cfg, "model.diffusion_decoders", default=False)
+    if objective == "elbo_hint" and not (hint is True and diffusion is True):
+        return ["model.objective='elbo_hint': needs hinted diffusion decoders (model.diffusion_decoders=true and "
+                f"model.unet.hint=true); this model has diffusion_decoders={diffusion!r}, unet.hint={hint!r}"]
     return []

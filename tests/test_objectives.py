@@ -466,13 +466,13 @@ TRAIN_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - {"elbo_hint"}))  # needs hinted diffusion decoders: test_hint.py
 def test_each_objective_trains_to_coherent_cross_modal_generation(name):
     """300 Adam steps on paired views; a → b and b → a generation classified by the nearest class
     prototype must beat chance (1/4) by a wide margin: accuracy > 0.9 both ways (1.0 seen for every
     objective over three seeds; training MVAE on its unimodal terms alone, which never aligns the
     experts, reaches 0.35 / 0.51 and fails)."""
-    assert set(TRAIN_SETTINGS) == set(OBJECTIVES)
+    assert set(TRAIN_SETTINGS) | {"elbo_hint"} == set(OBJECTIVES)
     torch.manual_seed(0)
     hp, vae_kwargs = TRAIN_SETTINGS[name]
     vae = make_vae(names=("a", "b"), private_dim=2 if name == "mmvae_plus" else 0, hidden=32, x_dim=XD, latent_dim=4,

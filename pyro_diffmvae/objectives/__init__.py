@@ -11,6 +11,9 @@ editing (or subclassing) one file.
   the Diff-MVAE / MoPoE subset ELBO (paper eq. 3–5; ``docs/design.md`` §2) with the vae's fusion;
 * ``elbo_free_bits`` (:mod:`.free_bits`) — that ELBO with free bits: each latent dimension's batch-mean
   KL counts as at least λ nats (Kingma et al. 2016), a lever against posterior collapse;
+* ``elbo_hint`` (:mod:`.hint_elbo`) — that ELBO plus γ times the log-likelihood of the feed-forward hint
+  decoders that hinted diffusion decoders see (:mod:`pyro_diffmvae.nets.hint`; DiffuseVAE), so that z carries
+  what a feed-forward decoder needs;
 * ``mvae`` (:mod:`.mvae`) — Wu & Goodman 2018, the sub-sampled ELBO(X) + Σ_m ELBO(x_m) (+ k
   subsets); PoE with the prior expert;
 * ``mmvae`` (:mod:`.mmvae`) — Shi et al. 2019, the stratified bound weighted with the mixture
@@ -54,6 +57,7 @@ from .base import (CallableObjective, Objective, as_objective, mixture_of_expert
                    product_of_experts_posterior, weights_are_unit, beta_elbo_is_bound)
 from .gaussian import ESTIMATORS
 from .free_bits import FreeBitsELBO, latent_kl_per_dim
+from .hint_elbo import HintELBO, hint_log_likelihoods
 from .mmvae import MMVAE
 from .mmvae_plus import MMVAEPlus
 from .mvae import MVAE
@@ -74,6 +78,8 @@ __all__ = [
     "elbo_terms",
     "FreeBitsELBO",
     "latent_kl_per_dim",
+    "HintELBO",
+    "hint_log_likelihoods",
     "MVAE",
     "MMVAE",
     "MVTCAE",
@@ -90,6 +96,7 @@ __all__ = [
 OBJECTIVES: dict[str, type] = {
     "elbo": ELBO,
     "elbo_free_bits": FreeBitsELBO,
+    "elbo_hint": HintELBO,
     "mvae": MVAE,
     "mmvae": MMVAE,
     "mvtcae": MVTCAE,
