@@ -477,21 +477,28 @@ def test_each_objective_trains_to_coherent_cross_modal_generation(name):
     hp, vae_kwargs = TRAIN_SETTINGS[name]
     vae = make_vae(names=("a", "b"), private_dim=2 if name == "mmvae_plus" else 0, hidden=32, x_dim=XD, latent_dim=4,
                    scale=0.5, learn_scale=True, beta=1.0, **vae_kwargs)
-    objective = make_objective(name, **hp)
+    accuracies = train_on_paired_views(vae, make_objective(name, **hp), steps=300)
+    assert all(acc > 0.9 for acc in accuracies.values()), (name, accuracies)
+
+
+def train_on_paired_views(vae, objective, steps):
+    """``steps`` Adam steps (lr 3e-3, batch 128) of ``objective`` on 2,048 paired views; then the accuracy of a → b
+    and b → a generation (from the posterior mean) on 500 test pairs, classified by the nearest class prototype."""
     data, _, protos = paired_views(2048, seed=0)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    for _ in range(300):
+    for _ in range(steps):
         idx = torch.randint(0, 2048, (128,), generator=g)
         loss = objective(vae, {m: x[idx] for m, x in data.items()}) / 128
         opt.zero_grad()
         loss.backward()
         opt.step()
     test, c, _ = paired_views(500, seed=7)
+    accuracies = {}
     for given, target in (("a", "b"), ("b", "a")):
         gen = vae.generate(test, given=[given], targets=[target], use_mean=True)[target]
-        acc = (torch.cdist(gen, protos[target]).argmin(-1) == c).float().mean().item()
-        assert acc > 0.9, (name, given, target, acc)
+        accuracies[f"{given}->{target}"] = (torch.cdist(gen, protos[target]).argmin(-1) == c).float().mean().item()
+    return accuracies
 
 
 def test_mmvae_plus_private_latents_are_float32_under_bf16_autocast():
