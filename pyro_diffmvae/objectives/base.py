@@ -26,13 +26,15 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import math
+
 import pyro.distributions as dist
 import torch
 
 from ..fusion import mixture_of_experts, poe
 
 __all__ = ["Objective", "CallableObjective", "as_objective", "product_of_experts_posterior",
-           "mixture_of_experts_posterior", "weights_are_unit", "beta_elbo_is_bound"]
+           "mixture_of_experts_posterior", "weights_are_unit", "beta_elbo_is_bound", "non_negative_hyperparameter"]
 
 
 class Objective:
@@ -125,3 +127,11 @@ def beta_elbo_is_bound(vae, beta: float) -> bool:
     with β = 1); β < 1 can exceed log p(x). Importance-weighted estimators put β inside the log-mean-exp,
     where β > 1 is no bound: they use :func:`weights_are_unit`."""
     return beta >= 1.0 and weights_are_unit(vae, 1.0)
+
+
+def non_negative_hyperparameter(value, what: str) -> float:
+    """``value`` as a float when it is a finite real number ≥ 0 (not a bool, not a string), else a ValueError
+    ``"<what> must be a finite number >= 0, got <value>"``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -26,7 +26,6 @@ same traces as :func:`~pyro_diffmvae.objectives.elbo_terms`.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
@@ -34,6 +33,7 @@ from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
+from .base import non_negative_hyperparameter
 from .subset_elbo import ELBO, elbo_terms, elbo_traces
 
 __all__ = ["FreeBitsELBO", "latent_kl_per_dim"]
@@ -71,11 +71,8 @@ class FreeBitsELBO(ELBO):
     name = "elbo_free_bits"
 
     def __init__(self, nats_per_dim: float, num_particles: int = 1):
-        if isinstance(nats_per_dim, bool) or not isinstance(nats_per_dim, (int, float)) \
-                or not math.isfinite(nats_per_dim) or nats_per_dim < 0:
-            raise ValueError(f"free bits: nats_per_dim must be a finite number >= 0, got {nats_per_dim!r}")
+        self.nats_per_dim = non_negative_hyperparameter(nats_per_dim, "free bits: nats_per_dim")
         super().__init__(num_particles)
-        self.nats_per_dim = float(nats_per_dim)
 
     def _one_draw(self, vae, batch: Mapping):
         """``(-L_λ summed over the batch, the per-dimension KLs, the draw's traces)``."""

@@ -19,20 +19,21 @@ is the subset ELBO of a model with hinted decoders, and a bound when that ELBO i
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
+from .base import non_negative_hyperparameter
 from .subset_elbo import ELBO, elbo_terms, elbo_traces
 
 __all__ = ["HintELBO", "hint_log_likelihoods"]
 
 
-def hint_log_likelihoods(vae, batch: Mapping, guide_trace) -> dict[str, torch.Tensor]:
+def hint_log_likelihoods(vae, batch: Mapping, guide_trace, parsed=None) -> dict[str, torch.Tensor]:
     r"""``{modality: (B,) Σ_A ω_{A,b} log p_φ(x^m_b | z_{A,b})}`` for each modality whose diffusion decoder has a
     hint, at the guide trace's z (its draw of the subsets), 0 where the modality is missing. A model without
-    any hinted decoder is an error (the term would silently be zero)."""
+    any hinted decoder is an error (the term would silently be zero). ``parsed``: ``vae.parse_batch(batch)`` when
+    the caller has it already."""
     hints = {name: mod.decoder.hint for name, mod in vae.modalities.items() if getattr(mod.decoder, "hint", None) is not None}
     if not hints:
         raise ValueError("elbo_hint: no decoder of this model has a hint (model.unet.hint=true gives the diffusion "
@@ -40,7 +41,7 @@ def hint_log_likelihoods(vae, batch: Mapping, guide_trace) -> dict[str, torch.Te
     if "z" not in guide_trace.nodes:
         raise ValueError(f"elbo_hint needs a model with one shared latent site 'z' (MultimodalVAE); this guide samples "
                          f"{[n for n, s in guide_trace.nodes.items() if s['type'] == 'sample']}")
-    data, available, B = vae.parse_batch(batch)
+    data, available, _ = vae.parse_batch(batch) if parsed is None else parsed
     z = guide_trace.nodes["z"]["value"]  # (B, D) with sampled subsets, (K, B, D) with enumerated ones
     omega = None if z.dim() == 2 else vae.subset_weights(available).T  # (K, B)
     out = {}
@@ -66,20 +67,19 @@ class HintELBO(ELBO):
     name = "elbo_hint"
 
     def __init__(self, hint_weight: float, num_particles: int = 1):
-        if isinstance(hint_weight, bool) or not isinstance(hint_weight, (int, float)) \
-                or not math.isfinite(hint_weight) or hint_weight < 0:
-            raise ValueError(f"elbo_hint: hint_weight must be a finite number >= 0, got {hint_weight!r}")
+        self.hint_weight = non_negative_hyperparameter(hint_weight, "elbo_hint: hint_weight")
         super().__init__(num_particles)
-        self.hint_weight = float(hint_weight)
 
     def _one_draw(self, vae, batch: Mapping):
-        """``(-L_γ summed over the batch, the ELBO's terms per example, the hint log-likelihoods (B,))`` of one draw."""
+        """``(-L_γ summed over the batch, the ELBO's terms (batch means), the hint log-likelihoods (B,), B)`` of one
+        draw."""
+        parsed = vae.parse_batch(batch)
+        B = parsed[2]
         traces = elbo_traces(vae, batch)
         terms = elbo_terms(vae, batch, traces)
-        hints = hint_log_likelihoods(vae, batch, traces[0])
-        B = vae.parse_batch(batch)[2]
+        hints = hint_log_likelihoods(vae, batch, traces[0], parsed)
         loss = -terms["elbo"] * B - self.hint_weight * sum(lp.sum() for lp in hints.values())
-        return loss, terms, hints
+        return loss, terms, hints, B
 
     def loss(self, vae, batch: Mapping) -> torch.Tensor:
         """``-L_γ`` summed over the batch, averaged over the particles (differentiable)."""
@@ -88,8 +88,7 @@ class HintELBO(ELBO):
     def terms(self, vae, batch: Mapping) -> dict[str, torch.Tensor]:
         """:func:`elbo_terms` of one draw (the ELBO without the hint term), ``"hint_loglik/<modality>"`` (each a
         mean over the batch) and ``"loss"`` = ``-L_γ`` per example, of the same draw."""
-        loss, terms, hints = self._one_draw(vae, batch)
-        B = vae.parse_batch(batch)[2]
+        loss, terms, hints, B = self._one_draw(vae, batch)
         terms.update({f"hint_loglik/{name}": lp.sum() / B for name, lp in hints.items()})
         terms["loss"] = loss / B
         return terms
