@@ -77,7 +77,8 @@ def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None =
     taken from ``shared_unets`` by image shape, and made there if missing, when ``model.unet.shared``: see
     :mod:`~pyro_diffmvae.nets.shared_unet`), else :func:`build_decoder`'s feed-forward one. With
     ``model.unet.hint`` the diffusion decoder's UNet also sees the mean of :func:`build_decoder`'s feed-forward
-    decoder of the modality (:mod:`~pyro_diffmvae.nets.hint`)."""
+    decoder of the modality, and with ``model.unet.hint_residual`` denoises x minus that mean
+    (:mod:`~pyro_diffmvae.nets.hint`)."""
     m = cfg.model
     D = m.latent_dim
     shape = spec["shape"]
@@ -91,6 +92,11 @@ def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None =
         hinted = u.get("hint", False)
         if not isinstance(hinted, bool):
             raise ValueError(f"model.unet.hint must be true or false, got {hinted!r}")
+        residual = u.get("hint_residual", False)
+        if not isinstance(residual, bool):
+            raise ValueError(f"model.unet.hint_residual must be true or false, got {residual!r}")
+        if residual and not hinted:
+            raise ValueError("model.unet.hint_residual=true denoises x minus the hint and needs model.unet.hint=true")
 
         def make_unet():
             return ConditionalUNet(
@@ -116,7 +122,7 @@ def _decoder(name: str, spec: dict, cfg: DictConfig, shared_unets: dict | None =
             num_draws=diff.num_draws, time_sampling=cfg.weighting.time_sampling,
             sampler=diff.sampler, sampler_steps=diff.sampler_steps, output_range=(-1.0, 1.0),
             cond_dropout=diff.get("cond_dropout", 0.0), guidance=diff.get("guidance", 1.0), latent_dim=D,
-            hint=build_decoder(name, spec, cfg) if hinted else None,
+            hint=build_decoder(name, spec, cfg) if hinted else None, hint_residual=residual,
         )
     return build_decoder(name, spec, cfg)
 

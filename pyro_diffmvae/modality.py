@@ -168,6 +168,9 @@ class DiffusionDecoder(nn.Module):
     :param hint: a feed-forward decoder of the modality whose mean :math:`\hat x_\phi(z)` the ε-network also
         sees, concatenated to :math:`x_t` (:class:`~pyro_diffmvae.nets.hint.HintedEps`; ``eps_net`` then takes
         twice the image's channels). ``None`` (default): no hint. The objective is unchanged by it.
+    :param hint_residual: with a hint, ``eps_net`` denoises the residual :math:`x - \hat x_\phi(z)` (DiffuseVAE's
+        second formulation; a reparametrisation of the ε-network of x, so the likelihood, bound and samplers are
+        unchanged: :mod:`~pyro_diffmvae.nets.hint`). False (default): it denoises x.
     """
 
     is_diffusion = True
@@ -191,6 +194,7 @@ class DiffusionDecoder(nn.Module):
         latent_dim: int | None = None,
         sample_precision: str = "fp32",
         hint: nn.Module | None = None,
+        hint_residual: bool = False,
     ):
         super().__init__()
         self.cond_dropout = check_cond_dropout(cond_dropout)
@@ -204,8 +208,10 @@ class DiffusionDecoder(nn.Module):
         self.event_shape = torch.Size(event_shape)
         self.sde = sde if sde is not None else VPSDE()
         self.prediction = prediction
+        if hint_residual and hint is None:
+            raise ValueError("hint_residual=True denoises x minus the hint's mean and needs a hint (hint=...)")
         if hint is not None:
-            eps_net = HintedEps(eps_net, hint)
+            eps_net = HintedEps(eps_net, hint, residual=hint_residual, sde=self.sde, prediction=prediction)
         self.eps_net = eps_net if prediction == "eps" else EpsFromPrediction(eps_net, self.sde, prediction)
         self.likelihood_kwargs = dict(
             weighting=weighting,

@@ -154,6 +154,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "model.diffusion.cond_dropout": _probability_below_one,
     "model.unet.shared": _boolean,
     "model.unet.hint": _boolean,
+    "model.unet.hint_residual": _boolean,
     "model.diffusion.guidance": _non_negative_real,
     "model.two_stage.sampler": _sampler,
     "model.two_stage.sampler_steps": _positive_int,
@@ -237,7 +238,7 @@ def check_settings(cfg: DictConfig, app: str) -> None:
         if must is not None:
             problems.append(f"{key}={value!r}: must be {must}")
     if app == "train":
-        problems += _guidance_without_dropout(cfg) + _hint_objective_without_hint(cfg)
+        problems += _guidance_without_dropout(cfg) + _settings_that_need_a_hint(cfg)
     if problems:
         raise ValueError("bad settings (nothing was run):\n  " + "\n  ".join(problems))
 
@@ -259,13 +260,19 @@ def _guidance_without_dropout(cfg: DictConfig) -> list[str]:
     return []
 
 
-def _hint_objective_without_hint(cfg: DictConfig) -> list[str]:
+def _settings_that_need_a_hint(cfg: DictConfig) -> list[str]:
     """``model.objective=elbo_hint`` trains the hint decoders that only ``model.unet.hint=true`` gives the diffusion
-    decoders (:mod:`~pyro_diffmvae.nets.hint`); without them its hint term would be empty."""
+    decoders (:mod:`~pyro_diffmvae.nets.hint`); without them its hint term would be empty. Likewise
+    ``model.unet.hint_residual=true`` subtracts a hint that only ``model.unet.hint=true`` builds."""
     objective = OmegaConf.select(cfg, "model.objective", default="elbo")
     hint = OmegaConf.select(cfg, "model.unet.hint", default=False)
     diffusion = OmegaConf.select(cfg, "model.diffusion_decoders", default=False)
+    residual = OmegaConf.select(cfg, "model.unet.hint_residual", default=False)
+    problems = []
     if objective == "elbo_hint" and not (hint is True and diffusion is True):
-        return ["model.objective='elbo_hint': needs hinted diffusion decoders (model.diffusion_decoders=true and "
-                f"model.unet.hint=true); this model has diffusion_decoders={diffusion!r}, unet.hint={hint!r}"]
-    return []
+        problems.append("model.objective='elbo_hint': needs hinted diffusion decoders (model.diffusion_decoders=true "
+                        f"and model.unet.hint=true); this model has diffusion_decoders={diffusion!r}, unet.hint={hint!r}")
+    if residual is True and hint is not True:
+        problems.append(f"model.unet.hint_residual=true: denoises x minus the hint and needs model.unet.hint=true; "
+                        f"this model has unet.hint={hint!r}")
+    return problems

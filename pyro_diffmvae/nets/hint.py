@@ -20,6 +20,25 @@ by the diffusion loss through the concatenation. :class:`~pyro_diffmvae.objectiv
 (``model.objective=elbo_hint``) adds γ times the hint's own log-likelihood :math:`\log p_\phi(x\mid z)`, so
 that :math:`\hat x_\phi(z)` is a reconstruction (DiffuseVAE's first stage, trained jointly here); with
 γ > 0 that objective is not a bound.
+
+**Residual** (``model.unet.hint_residual=true``; DiffuseVAE's second formulation). The network denoises
+the residual :math:`r = x - \hat x_\phi(z)` instead of x: it is given
+:math:`r_t = x_t - \alpha_t\hat x_\phi(z)` (the residual's forward process with x's noise, since
+:math:`x_t = \alpha_t x + \sigma_t\epsilon`) and its prediction of the residual is mapped back to one of x,
+
+.. math:: \hat\epsilon = \hat\epsilon_r, \qquad \hat x_0 = \hat x_\phi(z) + \hat r_0, \qquad
+          \hat v = \hat v_r - \sigma_t\,\hat x_\phi(z)
+          \quad (v = \alpha_t\epsilon - \sigma_t x_0 = v_r - \sigma_t\hat x_\phi).
+
+This is a reparametrisation of the ε-network of x, not a new model: the score of x is the residual's,
+:math:`\nabla\log p_t(x_t\mid z) = \nabla\log p^r_t(x_t - \alpha_t\hat x_\phi(z)\mid z)`, and the reverse
+SDE of x with it is the residual's reverse SDE shifted by :math:`\alpha_t\hat x_\phi(z)` (the VP drift
+:math:`f_t = \dot\alpha_t/\alpha_t` carries the shift exactly). So the ε-MSE, the bound with λ = g², the
+bits/dim, the ODE log-likelihood and the samplers' x̂₀ clipping are all computed on x as before and stay
+what they were; only the starting point of sampling differs from DiffuseVAE's, by
+:math:`\alpha_T\hat x_\phi(z)` (α_T ≈ 0.007 on the default SDE). What changes is the network's default: a
+network that predicts :math:`\hat r_0 = 0` (v̂_r = 0 at high noise) draws :math:`\hat x_\phi(z)`, the
+feed-forward decoding of z, instead of the data's mean image.
 """
 
 from __future__ import annotations
@@ -27,27 +46,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..sde import VPSDE
+from .parameterization import PREDICTIONS
+
 __all__ = ["HintedEps", "find_hint"]
 
 
 class HintedEps(nn.Module):
-    r"""``net([x_t, hint_mean(z)], z, t)``: an ε-network that also sees the feed-forward decoding of z
-    (module docstring).
+    r"""``net([x_t, hint_mean(z)], z, t)``: an ε-network that also sees the feed-forward decoding of z; with
+    ``residual=True``, ``net([x_t - α_t hint_mean(z), hint_mean(z)], z, t)`` predicts the residual's target,
+    mapped back to x's (module docstring).
 
-    :param net: the ε-network, taking ``x_t``'s channels plus the hint's (a
+    :param net: the network, taking ``x_t``'s channels plus the hint's (a
         :class:`~pyro_diffmvae.nets.unet.ConditionalUNet` with ``in_channels = 2C``, ``out_channels = C``).
+        It predicts ``prediction`` (of x, or with ``residual`` of the residual); the conversion to ε is
+        :class:`~pyro_diffmvae.nets.parameterization.EpsFromPrediction`'s, outside this module.
     :param hint: a :class:`~pyro_diffmvae.modality.FeedForwardDecoder` of the modality (Normal or Laplace: its
         mean is an image of ``x_t``'s shape).
+    :param residual: denoise the residual ``x - hint_mean(z)`` (needs ``sde`` and ``prediction``).
+    :param sde: the :class:`~pyro_diffmvae.sde.VPSDE` whose α_t, σ_t shift the input and the prediction.
+    :param prediction: what ``net`` predicts, ``"eps"``, ``"x0"`` or ``"v"``.
     """
 
-    def __init__(self, net: nn.Module, hint: nn.Module):
+    def __init__(self, net: nn.Module, hint: nn.Module, residual: bool = False, sde: VPSDE | None = None,
+                 prediction: str = "eps"):
         super().__init__()
         likelihood = getattr(hint, "likelihood", None)
         if likelihood not in ("normal", "laplace"):
             raise ValueError(f"a hint must be a feed-forward decoder with a normal or laplace likelihood (its mean is an "
                              f"image), got {type(hint).__name__} with likelihood {likelihood!r}")
+        if not isinstance(residual, bool):
+            raise ValueError(f"residual must be True or False, got {residual!r}")
+        if residual and sde is None:
+            raise ValueError("a residual hint shifts x_t by alpha_t times the hint and needs the SDE (sde=...)")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; known: {list(PREDICTIONS)}")
         self.net = net
         self.hint = hint
+        self.residual = residual
+        self.sde = sde
+        self.prediction = prediction
 
     def forward(self, x_t: torch.Tensor, z: torch.Tensor, t) -> torch.Tensor:
         if z is None:
@@ -55,7 +93,23 @@ class HintedEps(nn.Module):
         hint = self.hint.mean(z)
         if hint.shape != x_t.shape:
             raise ValueError(f"the hint decoder gives images of shape {tuple(hint.shape)}, x_t has shape {tuple(x_t.shape)}")
-        return self.net(torch.cat([x_t, hint.to(x_t.dtype)], 1), z, t)
+        hint = hint.to(x_t.dtype)
+        if not self.residual:
+            return self.net(torch.cat([x_t, hint], 1), z, t)
+        t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device)
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
+        shape = (-1,) + (1,) * (x_t.dim() - 1)
+        alpha = self.sde.alpha(t).reshape(shape).to(x_t.dtype)
+        out = self.net(torch.cat([x_t - alpha * hint, hint], 1), z, t)  # the residual's r_t = x_t - α_t x̂_φ(z)
+        if self.prediction == "x0":
+            return out + hint  # x̂₀ = x̂_φ(z) + r̂₀
+        if self.prediction == "v":
+            return out - self.sde.sigma(t).reshape(shape).to(out.dtype) * hint  # v = v_r - σ_t x̂_φ(z)
+        return out  # ε of x is ε of r
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}" + (f", prediction={self.prediction!r}" if self.residual else "")
 
 
 def find_hint(eps_net: nn.Module) -> nn.Module | None:
