@@ -18,7 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets.hint import HintedEps, find_hint
+from .nets.hint import HintedEps, find_hint, memoised_hints
 from .nets.parameterization import EpsFromPrediction
 from .likelihoods import ScoreMatchingLikelihood
 from . import samplers as _samplers
@@ -286,7 +286,8 @@ class DiffusionDecoder(nn.Module):
         eps_net = self.eps_net if self.guidance == 1.0 else GuidedEps(self.eps_net, self.null_z, self.guidance)
         if SAMPLE_PRECISIONS[self.sample_precision] is not None:
             eps_net = AutocastEps(eps_net, SAMPLE_PRECISIONS[self.sample_precision])
-        x = ScoreMatchingLikelihood(eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
+        with memoised_hints(self.eps_net):  # the hint of z once per call, not once per sampler step
+            x = ScoreMatchingLikelihood(eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
         return x if self.output_range is None else x.clamp(*self.output_range)
 
     def check_data(self, name: str, x: torch.Tensor) -> None:

@@ -281,6 +281,37 @@ def test_a_residual_without_a_hint_or_an_sde_and_a_non_boolean_residual_are_refu
         HintedEps(LinearEps(), _hint(), residual=True, sde=VPSDE(), prediction="score")
 
 
+def test_generation_decodes_each_hint_once_per_call_and_never_reuses_a_stale_one():
+    # memoised_hints: a 10-step DDIM call decodes the hint once (not 10 times), and the samples equal those
+    # of the same call without the memo (the ε-network called directly by the sampler). A second call with
+    # another z, or after the hint's weights changed, decodes again. Catches a memo kept across calls (stale
+    # hints after a training step) or keyed on the wrong tensor.
+    from pyro_diffmvae.likelihoods import ScoreMatchingLikelihood
+
+    torch.manual_seed(0)
+    hint = _hint()
+    decoder = DiffusionDecoder(LinearEps(), (X,), hint=hint, sampler="ddim", sampler_steps=10)
+    calls = []
+    mean = hint.mean
+    hint.mean = lambda z: calls.append(z) or mean(z)
+    z1, z2 = torch.randn(6, D), torch.randn(6, D)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        x1 = decoder.generate(z1)
+        assert len(calls) == 1
+        torch.manual_seed(1)
+        plain = ScoreMatchingLikelihood(decoder.eps_net, z1, decoder.sde, event_shape=(X,), **decoder.likelihood_kwargs)
+        torch.testing.assert_close(x1, plain.sample(), rtol=0, atol=0)
+        per_step = len(calls) - 1
+        assert per_step >= 10  # without the memo: once per network call (10 steps)
+        decoder.generate(z2)
+        assert len(calls) == per_step + 2 and torch.equal(calls[-1], z2)
+        hint.net.bias.add_(1.0)
+        torch.manual_seed(1)
+        x1_new = decoder.generate(z1)
+        assert len(calls) == per_step + 3 and not torch.allclose(x1_new, x1)
+
+
 # ---------------------------------------------------------------------------------------------- configs
 def _cfg(*overrides):
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
