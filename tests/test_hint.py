@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributions as td
 from hydra import compose, initialize_config_module
+from omegaconf import open_dict
 from pyro import poutine
 from torch import nn
 
@@ -438,3 +439,23 @@ def test_a_residual_eps_decoder_follows_its_hint_after_few_steps():
     accuracies = train_on_paired_views(paired_view_vae(hint_residual=True), make_objective("elbo_hint", hint_weight=1.0),
                                        steps=150)
     assert all(acc > 0.95 for acc in accuracies.values()), accuracies
+
+
+def test_the_celebamask_hq_hint_preset_is_the_v_row_with_a_hinted_image_decoder_and_elbo_hint():
+    # Catches a CelebAMask-HQ hint preset that changed anything of its Table 3 row other than the hint and the
+    # objective (the comparison with that row would not be of one lever), or whose image decoder is unhinted.
+    with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):
+        hinted = compose("config", overrides=["experiment=celebamask_hq_diffmvae_star_v_hint_cpu"])
+        row = compose("config", overrides=["experiment=celebamask_hq_diffmvae_star_v_cpu"])
+    check_settings(hinted, "train")
+    assert hinted.model.unet.hint is True and hinted.model.objective == "elbo_hint"
+    assert hinted.model.objective_params == {"hint_weight": 1.0}
+    vae = build_model(hinted)
+    assert vae.modalities["image"].decoder.hint.likelihood == "normal"
+    assert isinstance(vae.modalities["attributes"].decoder, FeedForwardDecoder)
+    for cfg in (hinted, row):
+        with open_dict(cfg):
+            cfg.model.unet.pop("hint")
+            cfg.model.pop("objective")
+            cfg.model.pop("objective_params", None)
+    assert hinted == row
