@@ -36,9 +36,10 @@ SDE of x with it is the residual's reverse SDE shifted by :math:`\alpha_t\hat x_
 :math:`f_t = \dot\alpha_t/\alpha_t` carries the shift exactly). So the ε-MSE, the bound with λ = g², the
 bits/dim, the ODE log-likelihood and the samplers' x̂₀ clipping are all computed on x as before and stay
 what they were; only the starting point of sampling differs from DiffuseVAE's, by
-:math:`\alpha_T\hat x_\phi(z)` (α_T ≈ 0.007 on the default SDE). What changes is the network's default: a
-network that predicts :math:`\hat r_0 = 0` (v̂_r = 0 at high noise) draws :math:`\hat x_\phi(z)`, the
-feed-forward decoding of z, instead of the data's mean image.
+:math:`\alpha_T\hat x_\phi(z)` (α_T ≈ 0.007 on the default SDE). What changes is the network's default,
+where it starts and where it has learnt nothing: a network that predicts :math:`\hat r_0 = 0` draws
+:math:`\hat x_\phi(z)` itself, and one that predicts :math:`\hat v_r = 0` (the exact v of r ~ N(0, I)) draws
+:math:`\hat x_\phi(z)` plus unit Gaussian noise: the feed-forward decoding of z, not the data's mean image.
 """
 
 from __future__ import annotations
