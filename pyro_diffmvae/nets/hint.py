@@ -137,12 +137,13 @@ def find_hint(eps_net: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def memoised_hints(module: nn.Module):
+def memoised_hints(module):
     """Within the block (and without gradients), each :class:`HintedEps` of ``module`` decodes a z into its hint
     once and reuses it while it is called with equal z: a sampler calls the ε-network at every step with the
     same z, and the hint decoder costs about a tenth of a PolyMNIST UNet call. The memo is dropped on exit, so
-    weights changed between two blocks are always seen."""
-    hinted = [m for m in module.modules() if isinstance(m, HintedEps)]
+    weights changed between two blocks are always seen. ``module`` may be any ε-callable (a plain function
+    has no hints)."""
+    hinted = [m for m in module.modules() if isinstance(m, HintedEps)] if isinstance(module, nn.Module) else []
     for m in hinted:
         m._memo = []
     try:
