@@ -341,8 +341,8 @@ def _clip_model(metrics: Mapping) -> str:
 def what_ran(metrics: Mapping) -> str | None:
     """A run's model and how its diffusion decoders were sampled, in one cell: ``"<model>, <bound | not a bound>"``
     and, for a run with diffusion decoders, ``"; <sampler> <steps> steps"``, the guidance weights other than 1 and
-    ``", bf16 networks"`` for bf16 sampling (from ``metrics["ledger"]``, ``["sampler"]``, ``["sampler_steps"]``,
-    ``["guidance"]`` and ``["sample_precision"]``); ``None`` for a run evaluated before the ledger existed."""
+    ``", bf16 networks"`` for bf16 sampling, the start time of a start from the noised hint (from ``metrics["ledger"]``,
+    ``["sampler"]``, ``["sampler_steps"]``, ``["guidance"]``, ``["sample_precision"]`` and ``["hint_start"]``); ``None`` for a run evaluated before the ledger existed."""
     ledger = metrics.get("ledger")
     if not isinstance(ledger, Mapping):
         return None
@@ -356,6 +356,9 @@ def what_ran(metrics: Mapping) -> str | None:
             cell += ", guidance w = " + "/".join(f"{w:g}" for w in weights)
         if "bf16" in (metrics.get("sample_precision") or {}).values():
             cell += ", bf16 networks"
+        starts = sorted({float(t) for t in (metrics.get("hint_start") or {}).values() if t is not None})
+        if starts:
+            cell += ", from the noised hint at t0 = " + "/".join(f"{t:g}" for t in starts)
     return cell
 
 

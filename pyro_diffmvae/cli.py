@@ -504,6 +504,7 @@ def run_sample(cfg: DictConfig, out: Path) -> Path:
     """Unconditional samples of ``cfg.checkpoint`` with ``cfg.sample``'s settings."""
     from .figures import figure_captions, save_unconditional_figure
     from .guidance import guidance_weight
+    from .nets.hint import hint_start
     from .sampling_precision import sample_precision
 
     if cfg.checkpoint is None:
@@ -511,7 +512,8 @@ def run_sample(cfg: DictConfig, out: Path) -> Path:
     _seed(cfg.seed)
     vae, _ = load_run(cfg.checkpoint)
     s = cfg.sample
-    with guidance_weight(vae, s.get("guidance")), sample_precision(vae, s.get("sample_precision")):
+    with (guidance_weight(vae, s.get("guidance")), sample_precision(vae, s.get("sample_precision")),
+          hint_start(vae, s.get("hint_start"))):
         gen = vae.sample(s.num, prior=s.prior, sampler=s.sampler, steps=s.steps)
     (out / "samples").mkdir(parents=True)
     torch.save({k: v.cpu() for k, v in gen.items()}, out / "samples" / "samples.pt")

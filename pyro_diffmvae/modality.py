@@ -18,7 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets.hint import HintedEps, find_hint, memoised_hints
+from .nets.hint import HintedEps, check_hint_start, find_hint, memoised_hints, noised_hint
 from .nets.parameterization import EpsFromPrediction
 from .likelihoods import ScoreMatchingLikelihood
 from . import samplers as _samplers
@@ -171,6 +171,11 @@ class DiffusionDecoder(nn.Module):
     :param hint_residual: with a hint, ``eps_net`` denoises the residual :math:`x - \hat x_\phi(z)` (DiffuseVAE's
         second formulation; a reparametrisation of the ε-network of x, so the likelihood, bound and samplers are
         unchanged: :mod:`~pyro_diffmvae.nets.hint`). False (default): it denoises x.
+    :param hint_start: with a hint, :meth:`generate` starts the sampler at time :math:`t_0` = ``hint_start`` from
+        the forward-noised hint, :math:`x_{t_0} = \alpha_{t_0}\hat x_\phi(z) + \sigma_{t_0}\epsilon` (SDEdit with
+        the hint as the guide; :func:`~pyro_diffmvae.nets.hint.check_hint_start`), instead of at T from N(0, I).
+        Not a sample of the model; a dial from the hint (small t0) to the diffusion decoder (t0 = T). ``None``
+        (default): off. Settable later (``decoder.hint_start = 0.5``).
     """
 
     is_diffusion = True
@@ -195,6 +200,7 @@ class DiffusionDecoder(nn.Module):
         sample_precision: str = "fp32",
         hint: nn.Module | None = None,
         hint_residual: bool = False,
+        hint_start: float | None = None,
     ):
         super().__init__()
         self.cond_dropout = check_cond_dropout(cond_dropout)
@@ -223,6 +229,7 @@ class DiffusionDecoder(nn.Module):
             sampler_steps=sampler_steps,
         )
         self._likelihood(torch.zeros(1, 1))  # fail early on bad settings (no network call happens here)
+        self.hint_start = hint_start
 
     @property
     def guidance(self) -> float:
@@ -250,6 +257,18 @@ class DiffusionDecoder(nn.Module):
     def hint(self) -> nn.Module | None:
         """The feed-forward hint decoder the ε-network sees (:mod:`~pyro_diffmvae.nets.hint`), or None."""
         return find_hint(self.eps_net)
+
+    @property
+    def hint_start(self) -> float | None:
+        """The time t0 at which :meth:`generate` starts from the forward-noised hint, or None (from N(0, I) at T)."""
+        return self._hint_start
+
+    @hint_start.setter
+    def hint_start(self, t0: float | None) -> None:
+        if t0 is not None and self.hint is None:
+            raise ValueError(f"hint_start={t0!r} starts sampling from the forward-noised hint of a hinted decoder "
+                             "(model.unet.hint=true); this decoder has no hint")
+        self._hint_start = check_hint_start(t0, self.sde)
 
     @property
     def is_bound(self) -> bool:
@@ -287,6 +306,9 @@ class DiffusionDecoder(nn.Module):
         if SAMPLE_PRECISIONS[self.sample_precision] is not None:
             eps_net = AutocastEps(eps_net, SAMPLE_PRECISIONS[self.sample_precision])
         with memoised_hints(self.eps_net):  # the hint of z once per call, not once per sampler step
+            if self.hint_start is not None:
+                kwargs["sampler_kwargs"] = {**kwargs.get("sampler_kwargs", {}), "t_start": self.hint_start,
+                                            "x_T": noised_hint(self.hint, z, self.hint_start, self.sde)}
             x = ScoreMatchingLikelihood(eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
         return x if self.output_range is None else x.clamp(*self.output_range)
 

@@ -21,7 +21,10 @@ step that costs about a second per call with the default Brownian interval).
 Every sampler takes ``(eps_net, shape, sde, steps, z=None, callback=None, ...)``; ``shape`` is the
 full output shape ``(batch, *event_shape)``, ``z`` the conditioning ``(batch, D)`` (or ``None``
 for an unconditional net, which is then called with ``z=None``), and ``callback(step, total)``
-is called after each step.
+is called after each step. ``t_start`` (every sampler; default :math:`T`) starts the integration at an
+earlier time :math:`t_0`, from ``x_T`` read as :math:`x_{t_0}`: SDEdit (Meng et al. 2022), e.g. from a
+forward-noised guide image :math:`\alpha_{t_0} g + \sigma_{t_0}\epsilon`; ``steps`` then span
+:math:`[\epsilon, t_0]`.
 """
 
 from __future__ import annotations
@@ -59,6 +62,15 @@ def _initial_state(shape, x_T, device, dtype, generator):
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         return x_T
     return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+
+def _start_time(sde: VPSDE, t_start) -> float:
+    """The time integration starts at: ``sde.T`` for ``None``, else ``t_start`` in (ε, T]."""
+    if t_start is None:
+        return float(sde.T)
+    if isinstance(t_start, bool) or not isinstance(t_start, (int, float)) or not (sde.eps < t_start <= sde.T):
+        raise ValueError(f"t_start must be a time in (eps, T] = ({sde.eps:g}, {sde.T:g}], got {t_start!r}")
+    return float(t_start)
 
 
 def _denoise(eps_net: EpsNet, x: torch.Tensor, z, t: float, sde: VPSDE) -> torch.Tensor:
@@ -142,14 +154,17 @@ class _ZeroBrownian(torchsde.BaseBrownian):
         return "none"
 
 
-def _torchsde_solve(eps_net, shape, sde, steps, z, probability_flow, method, callback, x_T, denoise, device, dtype, generator):
+def _torchsde_solve(eps_net, shape, sde, steps, z, probability_flow, method, callback, x_T, denoise, device, dtype, generator,
+                    t_start=None):
     shape = _check_common(shape, steps, z)
+    t_start = _start_time(sde, t_start)
     device = device if device is not None else (z.device if z is not None else None)
     x = _initial_state(shape, x_T, device, dtype, generator)
     # g depends on t only (additive noise), so Itô and Stratonovich schemes solve the same SDE.
     sde_type = "ito" if method in ("euler", "milstein", "srk") else "stratonovich"
     system = _ReverseVPSDE(eps_net, sde, shape[1:], z, probability_flow, sde_type)
-    span = sde.T - sde.eps
+    s0, s1 = sde.T - t_start, sde.T - sde.eps  # reversed time s = T - t runs from s0 (t = t_start) to s1 (t = ε)
+    span = s1 - s0
     # torchsde advances time by repeated addition, t += dt, and clips to the end point only with
     # min(t + dt, t_end). With dt = span/steps the rounding error can leave t a hair short of
     # t_end after `steps` additions, and the solver then takes an extra step of ~1e-16, which the
@@ -160,21 +175,21 @@ def _torchsde_solve(eps_net, shape, sde, steps, z, probability_flow, method, cal
         reported = [0]
 
         def report(s: float):
-            step = min(int(s / dt + 1e-3) + 1, steps)
+            step = min(int((s - s0) / dt + 1e-3) + 1, steps)
             if step > reported[0]:
                 reported[0] = step
                 callback(step, steps)
 
         system.on_evaluation = report
-    ts = torch.tensor([0.0, span], dtype=torch.float64, device=x.device)
+    ts = torch.tensor([s0, s1], dtype=torch.float64, device=x.device)
     y0 = x.reshape(shape[0], -1)
     # A seed drawn from torch's RNG makes the Brownian path reproducible under torch.manual_seed.
     entropy = int(torch.randint(0, 2**31 - 1, (), generator=generator).item())
     if probability_flow:  # zero diffusion: no Brownian increments need to be drawn at all
-        bm = _ZeroBrownian(0.0, span, y0)
+        bm = _ZeroBrownian(s0, s1, y0)
     else:  # the dt hint lets the Brownian interval draw ~2 normals per step instead of ~9 at 1000 steps
         bm = torchsde.BrownianInterval(
-            t0=0.0, t1=span, size=y0.shape, dtype=y0.dtype, device=y0.device, entropy=entropy, dt=dt
+            t0=s0, t1=s1, size=y0.shape, dtype=y0.dtype, device=y0.device, entropy=entropy, dt=dt
         )
     with torch.no_grad():
         ys = torchsde.sdeint(system, y0, ts, bm=bm, method=method, dt=dt)
@@ -199,11 +214,13 @@ def sample_reverse_sde(
     device=None,
     dtype=torch.float32,
     generator: torch.Generator | None = None,
+    t_start: float | None = None,
 ) -> torch.Tensor:
     r"""Sample by integrating the reverse SDE :math:`dx = [f - g^2 s_\theta]dt + g\,d\bar W`
     from :math:`T` to :math:`\epsilon` with ``torchsde`` (Euler–Maruyama by default, ``steps``
     equal steps). Returns a tensor of ``shape``."""
-    return _torchsde_solve(eps_net, shape, sde, steps, z, False, method, callback, x_T, denoise, device, dtype, generator)
+    return _torchsde_solve(eps_net, shape, sde, steps, z, False, method, callback, x_T, denoise, device, dtype, generator,
+                           t_start)
 
 
 def sample_probability_flow(
@@ -220,11 +237,13 @@ def sample_probability_flow(
     device=None,
     dtype=torch.float32,
     generator: torch.Generator | None = None,
+    t_start: float | None = None,
 ) -> torch.Tensor:
     r"""Sample by integrating the probability-flow ODE :math:`dx = [f - \tfrac12 g^2 s_\theta]dt`
     from :math:`T` to :math:`\epsilon` with ``torchsde`` (zero diffusion; ``method`` may be
     ``"euler"``, ``"midpoint"`` or ``"heun"``). Deterministic given ``x_T``."""
-    return _torchsde_solve(eps_net, shape, sde, steps, z, True, method, callback, x_T, denoise, device, dtype, generator)
+    return _torchsde_solve(eps_net, shape, sde, steps, z, True, method, callback, x_T, denoise, device, dtype, generator,
+                           t_start)
 
 
 def _data_prediction(x: torch.Tensor, eps: torch.Tensor, alpha, sigma, x0_range) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,6 +273,7 @@ def sample_ddim(
     dtype=torch.float32,
     generator: torch.Generator | None = None,
     x0_range: tuple[float, float] | None = None,
+    t_start: float | None = None,
 ) -> torch.Tensor:
     r"""Deterministic DDIM (:math:`\eta = 0`) on ``steps`` equal steps of :math:`t` from
     :math:`T` to :math:`\epsilon`:
@@ -269,7 +289,7 @@ def sample_ddim(
     shape = _check_common(shape, steps, z)
     device = device if device is not None else (z.device if z is not None else None)
     x = _initial_state(shape, x_T, device, dtype, generator)
-    grid = torch.linspace(sde.T, sde.eps, steps + 1, dtype=torch.float64).tolist()
+    grid = torch.linspace(_start_time(sde, t_start), sde.eps, steps + 1, dtype=torch.float64).tolist()
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         tt = torch.full((shape[0],), t, device=x.device, dtype=x.dtype)
         eps = eps_net(x, z, tt)
@@ -288,14 +308,15 @@ def sample_ddim(
 DPM_SPACINGS = ("quadratic", "time", "logsnr", "karras")
 
 
-def _dpm_time_grid(sde: VPSDE, steps: int, spacing: str) -> list[float]:
-    r"""``steps + 1`` times from T down to ε (float64): uniform in :math:`\sqrt t` (``"quadratic"``), in t
+def _dpm_time_grid(sde: VPSDE, steps: int, spacing: str, t_start: float | None = None) -> list[float]:
+    r"""``steps + 1`` times from ``t_start`` (default T) down to ε (float64): uniform in :math:`\sqrt t` (``"quadratic"``), in t
     (``"time"``), in λ (``"logsnr"``) or Karras et al.'s ρ = 7 spacing of :math:`e^{-\lambda}` (``"karras"``)."""
-    ends = torch.tensor([sde.T, sde.eps], dtype=torch.float64)
+    start = _start_time(sde, t_start)
+    ends = torch.tensor([start, sde.eps], dtype=torch.float64)
     if spacing == "time":
-        return torch.linspace(sde.T, sde.eps, steps + 1, dtype=torch.float64).tolist()
+        return torch.linspace(start, sde.eps, steps + 1, dtype=torch.float64).tolist()
     if spacing == "quadratic":
-        return (torch.linspace(math.sqrt(sde.T), math.sqrt(sde.eps), steps + 1, dtype=torch.float64) ** 2).tolist()
+        return (torch.linspace(math.sqrt(start), math.sqrt(sde.eps), steps + 1, dtype=torch.float64) ** 2).tolist()
     if spacing in ("logsnr", "karras"):
         lam_T, lam_eps = sde.half_log_snr(ends).tolist()
         if spacing == "logsnr":
@@ -306,7 +327,7 @@ def _dpm_time_grid(sde: VPSDE, steps: int, spacing: str) -> list[float]:
             lo, hi = math.exp(-lam_eps / rho), math.exp(-lam_T / rho)
             lams = -rho * torch.log(hi + u * (lo - hi))
         grid = sde.time_from_half_log_snr(lams)
-        grid[0], grid[-1] = sde.T, sde.eps  # the round trip through λ is exact to ~1e-16; pin the ends
+        grid[0], grid[-1] = start, sde.eps  # the round trip through λ is exact to ~1e-16; pin the ends
         return grid.tolist()
     raise ValueError(f"unknown time spacing {spacing!r}; known: {list(DPM_SPACINGS)}")
 
@@ -328,6 +349,7 @@ def sample_dpmpp_2m(
     x0_range: tuple[float, float] | None = None,
     spacing: str = "quadratic",
     lower_order_final: bool = True,
+    t_start: float | None = None,
 ) -> torch.Tensor:
     r"""DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the
     probability-flow ODE in its data-prediction form, one network evaluation per step.
@@ -357,7 +379,7 @@ def sample_dpmpp_2m(
     shape = _check_common(shape, steps, z)
     device = device if device is not None else (z.device if z is not None else None)
     x = _initial_state(shape, x_T, device, dtype, generator)
-    grid = _dpm_time_grid(sde, steps, spacing)
+    grid = _dpm_time_grid(sde, steps, spacing, t_start)
     grid_t = torch.tensor(grid, dtype=torch.float64)  # the schedule on the grid, once, in float64
     lam, sigma, alpha = (f(grid_t).tolist() for f in (sde.half_log_snr, sde.sigma, sde.alpha))
     x0_prev, h_prev = None, None

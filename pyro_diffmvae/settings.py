@@ -69,6 +69,10 @@ def _optional_non_negative_real(value) -> str | None:
     return None if value is None or _non_negative_real(value) is None else "a finite number >= 0 or null"
 
 
+def _optional_start_time(value) -> str | None:
+    return None if value is None or (_real(value) and 0 < value <= 1) else "a time in (0, 1] or null (off)"
+
+
 def _probability_below_one(value) -> str | None:
     return None if _real(value) and 0.0 <= value < 1.0 else "a probability in [0, 1)"
 
@@ -169,6 +173,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "evaluation.sampler_steps": _positive_int,
     "evaluation.guidance": _optional_non_negative_real,
     "evaluation.sample_precision": _one_of("fp32", "bf16"),
+    "evaluation.hint_start": _optional_start_time,
     "evaluation.bootstrap": _bootstrap,
     "evaluation.loglik_examples": _non_negative_int,
     "evaluation.loglik_samples": _positive_int,
@@ -186,6 +191,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "sample.steps": _positive_int,
     "sample.guidance": _optional_non_negative_real,
     "sample.sample_precision": _one_of("fp32", "bf16"),
+    "sample.hint_start": _optional_start_time,
 }
 
 

@@ -32,6 +32,35 @@ def gaussian_nll(x, mean, var):
     return 0.5 * d * math.log(2 * math.pi * var) + 0.5 * ((x - mean) ** 2).sum(-1) / var
 
 
+def load_paper_tables():
+    """``experiments/paper_tables.py`` as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("paper_tables", Path(__file__).resolve().parents[1] / "experiments"
+                                                  / "paper_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_evaluation(monkeypatch, routine):
+    """``pyro_diffmvae.evaluation.routines.evaluate`` on a toy data set whose routine is ``routine`` (called as the
+    data set's), without the joint log-likelihood, with a not-a-bound ledger whose model is "toy" and whose one
+    diffusion decoder is "a"."""
+    import types
+
+    from pyro_diffmvae.evaluation import routines
+
+    monkeypatch.setattr(routines, "get_dataset", lambda cfg: types.SimpleNamespace(
+        name="toy", evaluation=types.SimpleNamespace(routine="toy"), modalities=lambda cfg: {}))
+    monkeypatch.setitem(routines.ROUTINES, "toy", routine)
+    monkeypatch.setattr(routines, "joint_log_likelihood", lambda *a, **k: None)
+    monkeypatch.setattr(routines, "bound_ledger", lambda vae, cfg, metrics, objective: {
+        "model": "toy", "is_bound": False, "diffusion_decoders": {"a": {}}})
+    return routines.evaluate
+
+
 @pytest.fixture
 def sde():
     return VPSDE()

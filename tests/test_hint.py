@@ -313,6 +313,78 @@ def test_generation_decodes_each_hint_once_per_call_and_never_reuses_a_stale_one
         assert len(calls) == per_step + 3 and not torch.allclose(x1_new, x1)
 
 
+@pytest.mark.parametrize("t0", [0.2, 0.5])  # shrink factors 0.68 and 1.73 of s = 2
+def test_a_start_from_the_noised_hint_shrinks_the_residual_by_the_closed_form_factor(t0):
+    # x = x̂_φ(z) + s n (n ~ N(0, I)), decoded by the exact residual predictor (so the ε-network of x is exact).
+    # Started at t0 from α x̂_φ(z) + σ ε, the probability flow (DPM-Solver++ 2M, 60 steps) gives
+    # x̂_φ(z) + s σ/√(α²s² + σ²) ε for the same ε (the first draw of the call). Catches: the start time ignored
+    # (a sample of N(x̂_φ, s²) from other noise), the hint left out of the start or taken of other z's, σ and α
+    # swapped, or the flow integrated from T.
+    s, sde = 2.0, VPSDE()
+    torch.manual_seed(0)
+    hint = _hint()
+    decoder = DiffusionDecoder(ResidualGaussianPredictor(sde, s**2 * torch.eye(X), "eps"), (X,), sde=sde, hint=hint,
+                               hint_residual=True, sampler="dpmpp_2m", sampler_steps=60, hint_start=t0)
+    z = torch.randn(500, D)
+    torch.manual_seed(7)
+    x = decoder.generate(z)
+    torch.manual_seed(7)
+    eps = torch.randn(500, X)
+    tt = torch.tensor(t0, dtype=torch.float64)
+    alpha, sigma = float(sde.alpha(tt)), float(sde.sigma(tt))
+    with torch.no_grad():
+        expected = hint.mean(z) + s * sigma / math.sqrt(alpha**2 * s**2 + sigma**2) * eps
+    torch.testing.assert_close(x, expected, rtol=1e-3, atol=2e-3)
+    decoder.hint_start = None  # off again: a sample of N(x̂_φ(z), s²I) from T, no longer the shrunk start
+    torch.manual_seed(7)
+    assert (decoder.generate(z) - expected).abs().max() > 0.5
+
+
+def test_hint_start_is_refused_without_a_hint_or_outside_eps_to_T_and_restored_after_the_block():
+    from pyro_diffmvae.nets.hint import hint_start
+
+    with pytest.raises(ValueError, match="this decoder has no hint"):
+        DiffusionDecoder(LinearEps(), (X,), hint_start=0.5)
+    decoder = DiffusionDecoder(LinearEps(), (X,), hint=_hint())
+    for bad in (0.0, 1.2, True, "0.5"):
+        with pytest.raises(ValueError, match=r"hint_start must be None or a time in \(eps, T\]"):
+            decoder.hint_start = bad
+    vae = make_vae(hinted=("a", "b", "c"))
+    with hint_start(vae, 0.4) as starts:
+        assert starts == {"a": 0.4, "b": 0.4, "c": 0.4}
+        assert all(mod.decoder.hint_start == 0.4 for mod in vae.modalities.values())
+    assert all(mod.decoder.hint_start is None for mod in vae.modalities.values())
+    with pytest.raises(ValueError, match="this decoder has no hint"), hint_start(make_vae(hinted=("a",)), 0.4):
+        pass
+
+
+def test_evaluate_starts_from_the_noised_hint_while_generating_and_reports_it(monkeypatch, tmp_path):
+    # evaluation.hint_start is in force while the data set's routine generates, restored after it, recorded in
+    # metrics["hint_start"] and named in the tables' what-ran cell. Catches the key read but never applied, left
+    # set after the evaluation, or such samples labelled as the model's own.
+    from omegaconf import OmegaConf
+
+    from conftest import load_paper_tables, toy_evaluation
+
+    paper_tables = load_paper_tables()
+    vae = make_vae(hinted=("a", "b", "c"))
+    during = []
+
+    def routine(vae, test_set, train_set, cfg, out_dir, figures=True):
+        during.append({m: mod.decoder.hint_start for m, mod in vae.modalities.items()})
+        return {"sampler": "ddim", "sampler_steps": 3}
+
+    evaluate = toy_evaluation(monkeypatch, routine)
+    cfg = OmegaConf.create({"evaluation": {"hint_start": 0.6, "guidance": None, "batch_size": 4}})
+    metrics = evaluate(vae, None, None, cfg, tmp_path)
+    assert during == [{"a": 0.6, "b": 0.6, "c": 0.6}]
+    assert all(mod.decoder.hint_start is None for mod in vae.modalities.values())
+    assert metrics["hint_start"] == {"a": 0.6, "b": 0.6, "c": 0.6}
+    assert paper_tables.what_ran(metrics) == "toy, not a bound; ddim 3 steps, from the noised hint at t0 = 0.6"
+    cfg.evaluation.hint_start = None
+    assert "hint_start" not in evaluate(vae, None, None, cfg, tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- configs
 def _cfg(*overrides):
     with initialize_config_module(version_base=None, config_module="pyro_diffmvae.configs"):

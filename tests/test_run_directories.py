@@ -68,6 +68,8 @@ def test_every_preset_passes_the_settings_check(experiment):
     ("evaluation.guidance=-1", "evaluation.guidance=-1: must be a finite number >= 0 or null"),
     ("evaluation.sample_precision=fp16", "evaluation.sample_precision='fp16': must be one of ['fp32', 'bf16']"),
     ("sample.sample_precision=bfloat16", "sample.sample_precision='bfloat16': must be one of ['fp32', 'bf16']"),
+    ("evaluation.hint_start=0", "evaluation.hint_start=0: must be a time in (0, 1] or null (off)"),
+    ("sample.hint_start=1.5", "sample.hint_start=1.5: must be a time in (0, 1] or null (off)"),
     ("trainer.max_time=600", 'trainer.max_time=600: must be null or a positive duration "DD:HH:MM:SS"'),
     ("trainer.max_time=00:00:00:00", "trainer.max_time='00:00:00:00': must be null or a positive duration"),
     ("+trainer.max_stepz=3", "trainer.max_stepz: unknown setting (did you mean trainer.max_steps?)"),

@@ -1,9 +1,6 @@
 """bf16 sampling of diffusion decoders (pyro_diffmvae.sampling_precision): the network under autocast, the
 sampler in float32, the setting carried to evaluation, sampling and the tables."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -100,16 +97,11 @@ def test_evaluate_samples_in_the_configured_precision_and_reports_it(monkeypatch
     """evaluation.sample_precision=bf16 is in force while the data set's routine generates, restored after it,
     recorded in metrics["sample_precision"] and named in the tables' what-ran cell. Catches the key read but never
     applied to the decoders, applied after the routine, or a bf16 evaluation labelled as a float32 one."""
-    import types
-
     from omegaconf import OmegaConf
 
-    from pyro_diffmvae.evaluation import routines
+    from conftest import load_paper_tables, toy_evaluation
 
-    spec = importlib.util.spec_from_file_location("paper_tables", Path(__file__).resolve().parents[1] / "experiments"
-                                                  / "paper_tables.py")
-    paper_tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_tables)
+    paper_tables = load_paper_tables()
     vae, dec = _vae_with_spy([])
     during = []
 
@@ -117,14 +109,9 @@ def test_evaluate_samples_in_the_configured_precision_and_reports_it(monkeypatch
         during.append(dec.sample_precision)
         return {"sampler": "ddim", "sampler_steps": 3}
 
-    monkeypatch.setattr(routines, "get_dataset", lambda cfg: types.SimpleNamespace(
-        name="toy", evaluation=types.SimpleNamespace(routine="toy"), modalities=lambda cfg: {}))
-    monkeypatch.setitem(routines.ROUTINES, "toy", routine)
-    monkeypatch.setattr(routines, "joint_log_likelihood", lambda *a, **k: None)
-    monkeypatch.setattr(routines, "bound_ledger", lambda vae, cfg, metrics, objective: {
-        "model": "toy", "is_bound": False, "diffusion_decoders": {"a": {}}})
+    evaluate = toy_evaluation(monkeypatch, routine)
     cfg = OmegaConf.create({"evaluation": {"sample_precision": "bf16", "guidance": None, "batch_size": 4}})
-    metrics = routines.evaluate(vae, None, None, cfg, tmp_path)
+    metrics = evaluate(vae, None, None, cfg, tmp_path)
     assert during == ["bf16"] and dec.sample_precision == "fp32"
     assert metrics["sample_precision"] == {"a": "bf16"}
     assert paper_tables.what_ran(metrics) == "toy, not a bound; ddim 3 steps, bf16 networks"

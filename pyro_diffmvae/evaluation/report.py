@@ -36,11 +36,15 @@ def _bound_bpd(metrics: dict) -> dict[str, dict]:
 
 def _sampling_note(metrics: dict) -> str:
     """``", guidance w = 2.0"`` when a diffusion decoder generated with guidance (w != 1), and
-    ``", networks in bf16 (sample_precision)"`` when one sampled in bf16; else empty."""
+    ``", networks in bf16 (sample_precision)"`` when one sampled in bf16, and the start time when one started from
+    its noised hint (``hint_start``); else empty."""
     weights = {w for w in (metrics.get("guidance") or {}).values() if w != 1.0}
     note = f", guidance w = {', '.join(str(w) for w in sorted(weights))}" if weights else ""
     if "bf16" in (metrics.get("sample_precision") or {}).values():
         note += ", networks in bf16 (sample_precision)"
+    starts = {t0 for t0 in (metrics.get("hint_start") or {}).values() if t0 is not None}
+    if starts:
+        note += f", started from the noised hint at t0 = {', '.join(str(t) for t in sorted(starts))} (not a model sample)"
     return note
 
 

@@ -70,6 +70,7 @@ from .clip import caption_scorer
 from .coherence import agree_per_example, factor_scores, pairwise_agreement
 from .frechet import feature_fids, frechet_distance
 from ..guidance import guidance_weight
+from ..nets.hint import hint_start
 from ..sampling_precision import sample_precision
 from .ledger import bound_ledger
 from .likelihood import diffusion_reconstruction_bound_bpd, joint_log_likelihood
@@ -98,7 +99,8 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
     if routine not in ROUTINES:
         raise ValueError(f"data set {dataset.name!r}: unknown evaluation routine {routine!r}; known: {sorted(ROUTINES)}")
     with (channels_last(cfg.evaluation, vae), guidance_weight(vae, cfg.evaluation.get("guidance")) as weights,
-          sample_precision(vae, cfg.evaluation.get("sample_precision")) as precisions):
+          sample_precision(vae, cfg.evaluation.get("sample_precision")) as precisions,
+          hint_start(vae, cfg.evaluation.get("hint_start")) as starts):
         metrics = ROUTINES[routine](vae, test_set, train_set, cfg, out_dir, figures=figures)
         joint = joint_log_likelihood(vae, test_set, dataset.modalities(cfg), cfg.evaluation,
                                      _batch_size(cfg.evaluation), _device(vae))
@@ -108,6 +110,8 @@ def evaluate(vae: MultimodalVAE, test_set, train_set, cfg, out_dir: Path, figure
         metrics["guidance"] = weights
     if precisions:
         metrics["sample_precision"] = precisions
+    if any(t0 is not None for t0 in starts.values()):
+        metrics["hint_start"] = starts
     metrics["ledger"] = bound_ledger(vae, cfg, metrics, objective)
     return metrics
 

@@ -40,6 +40,20 @@ what they were; only the starting point of sampling differs from DiffuseVAE's, b
 where it starts and where it has learnt nothing: a network that predicts :math:`\hat r_0 = 0` draws
 :math:`\hat x_\phi(z)` itself, and one that predicts :math:`\hat v_r = 0` (the exact v of r ~ N(0, I)) draws
 :math:`\hat x_\phi(z)` plus unit Gaussian noise: the feed-forward decoding of z, not the data's mean image.
+
+**Starting from the hint** (``hint_start`` = :math:`t_0` of a :class:`~pyro_diffmvae.modality.DiffusionDecoder`,
+``evaluation.hint_start``, ``sample.hint_start``; SDEdit of Meng et al. 2022 with the hint as the guide, as
+DiffuseVAE does for its controllable generation). Generation starts at :math:`t_0` from
+
+.. math:: x_{t_0} = \alpha_{t_0}\hat x_\phi(z) + \sigma_{t_0}\epsilon, \qquad \epsilon\sim\mathcal N(0, I),
+
+instead of at T from N(0, I), and integrates the same reverse process from :math:`t_0` to ε. It draws from the
+model only where the model's marginal at :math:`t_0` is this Gaussian, i.e. where the residual
+:math:`x - \hat x_\phi(z)` is negligible beside :math:`\sigma_{t_0}/\alpha_{t_0}`; otherwise it is a dial between the
+hint (:math:`t_0 \to 0` returns :math:`\hat x_\phi(z)`) and the diffusion decoder's own samples (:math:`t_0 = T`),
+reported as such. For data :math:`x = \hat x_\phi(z) + s\,n`, :math:`n\sim\mathcal N(0, I)`, the exact probability
+flow maps the start to :math:`\hat x_\phi(z) + s\,\sigma_{t_0}/\sqrt{\alpha_{t_0}^2 s^2 + \sigma_{t_0}^2}\;\epsilon`:
+the residual's spread shrunk by that factor (``tests/test_hint.py``).
 """
 
 from __future__ import annotations
@@ -49,10 +63,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..decoder_settings import diffusion_decoder_setting
 from ..sde import VPSDE
 from .parameterization import PREDICTIONS
 
-__all__ = ["HintedEps", "find_hint", "memoised_hints"]
+__all__ = ["HintedEps", "find_hint", "memoised_hints", "check_hint_start", "noised_hint", "hint_start"]
 
 
 class HintedEps(nn.Module):
@@ -136,6 +151,26 @@ def find_hint(eps_net: nn.Module) -> nn.Module | None:
     return None
 
 
+def check_hint_start(t0, sde: VPSDE) -> float | None:
+    """``None`` (generation starts at T from N(0, I)) or a start time t0 in (ε, T] of ``sde``."""
+    if t0 is None:
+        return None
+    if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not (sde.eps < t0 <= sde.T):
+        raise ValueError(f"hint_start must be None or a time in (eps, T] = ({sde.eps:g}, {sde.T:g}], got {t0!r}")
+    return float(t0)
+
+
+def noised_hint(hint: nn.Module, z: torch.Tensor, t0: float, sde: VPSDE,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    r""":math:`x_{t_0} = \alpha_{t_0}\hat x_\phi(z) + \sigma_{t_0}\epsilon`, flattened to ``(n, *event)`` with n the
+    number of z's (``z`` of shape ``(..., D)``): the start of generation from the hint (module docstring)."""
+    mean = hint.mean(z.reshape(-1, z.shape[-1]))
+    t = torch.tensor(float(t0), dtype=torch.float64)
+    alpha, sigma = float(sde.alpha(t)), float(sde.sigma(t))
+    noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
+    return alpha * mean + sigma * noise
+
+
 @contextmanager
 def memoised_hints(module):
     """Within the block (and without gradients), each :class:`HintedEps` of ``module`` decodes a z into its hint
@@ -151,3 +186,10 @@ def memoised_hints(module):
     finally:
         for m in hinted:
             m._memo = None
+
+
+def hint_start(vae, t0: float | None):
+    """Generate with every diffusion decoder of ``vae`` started at ``t0`` from its noised hint for the block
+    (``None``: each decoder's own setting); yields ``{modality: t0 in use}`` and restores each decoder's setting
+    on exit. A decoder without a hint refuses a ``t0``, with the reason."""
+    return diffusion_decoder_setting(vae, "hint_start", t0)
