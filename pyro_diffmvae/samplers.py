@@ -64,11 +64,16 @@ def _initial_state(shape, x_T, device, dtype, generator):
     return torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
 
+def is_start_time(t, sde: VPSDE) -> bool:
+    """Whether ``t`` is a number in (ε, T] of ``sde``: a time integration may start at."""
+    return not isinstance(t, bool) and isinstance(t, (int, float)) and sde.eps < t <= sde.T
+
+
 def _start_time(sde: VPSDE, t_start) -> float:
     """The time integration starts at: ``sde.T`` for ``None``, else ``t_start`` in (ε, T]."""
     if t_start is None:
         return float(sde.T)
-    if isinstance(t_start, bool) or not isinstance(t_start, (int, float)) or not (sde.eps < t_start <= sde.T):
+    if not is_start_time(t_start, sde):
         raise ValueError(f"t_start must be a time in (eps, T] = ({sde.eps:g}, {sde.T:g}], got {t_start!r}")
     return float(t_start)
 

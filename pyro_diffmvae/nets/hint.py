@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from ..decoder_settings import diffusion_decoder_setting
+from ..samplers import is_start_time
 from ..sde import VPSDE
 from .parameterization import PREDICTIONS
 
@@ -155,7 +156,7 @@ def check_hint_start(t0, sde: VPSDE) -> float | None:
     """``None`` (generation starts at T from N(0, I)) or a start time t0 in (ε, T] of ``sde``."""
     if t0 is None:
         return None
-    if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not (sde.eps < t0 <= sde.T):
+    if not is_start_time(t0, sde):
         raise ValueError(f"hint_start must be None or a time in (eps, T] = ({sde.eps:g}, {sde.T:g}], got {t0!r}")
     return float(t0)
 
