@@ -338,6 +338,7 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
     from .prior import collect_latents
     from .train import DiffMVAEModule, ResumableDataLoader, SaveOnInterrupt, make_trainer, run_checkpoints
     from .training.loggers import build_loggers, log_run_files
+    from .training.diffusion_warmup import DiffusionWarmup
     from .training.kl_warmup import KLWarmup
     from .training.run_log import FlushLogOnCheckpoint
 
@@ -384,7 +385,8 @@ def run_train(cfg: DictConfig, out: Path) -> dict:
         enable_progress_bar=t.progress_bar, strategy=t.strategy, num_nodes=t.num_nodes,
         accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
         callbacks=[ckpt, StoreConfig(), interrupt, FlushLogOnCheckpoint(),
-                   *([KLWarmup(t.kl_warmup_steps)] if t.get("kl_warmup_steps", 0) else [])],
+                   *([KLWarmup(t.kl_warmup_steps)] if t.get("kl_warmup_steps", 0) else []),
+                   *([DiffusionWarmup(t.diffusion_warmup_steps)] if t.get("diffusion_warmup_steps", 0) else [])],
         logger=loggers,
         val_check_interval=min(t.val_every_n_steps, len(train_loader)), check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches, use_distributed_sampler=False,

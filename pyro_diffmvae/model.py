@@ -132,6 +132,9 @@ class MultimodalVAE(PyroModule):
         self.latent_prior = None  # an optional LatentScorePrior for unconditional generation
         self.conditional: Conditional | None = None  # None: the fusion's (set by the training objective)
         self.proper_prior = True  # p(z) is a distribution (False: the flat prior of deterministic autoencoders)
+        # modalities whose likelihood site the program leaves out (their decoders are not run); empty but while
+        # a diffusion warm-up (pyro_diffmvae.training.diffusion_warmup) trains the rest of the model first
+        self.unscored: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ batch
     def parse_batch(self, batch: Mapping) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
@@ -255,7 +258,7 @@ class MultimodalVAE(PyroModule):
     def joint(self, data: Mapping[str, torch.Tensor], available: torch.Tensor, private_latents: bool = False) -> None:
         r"""The generative program inside the caller's plates: ``z ~ N(0, I)`` (β-scaled), then
         ``x_<name> ~ p(x^m | z)`` for each modality of ``data`` (masked where ``available`` ``(B, M)``
-        is false, λ_m-scaled). :meth:`model` runs it in the subset plates; the log-likelihood estimator
+        is false, λ_m-scaled; left out for the names in ``self.unscored``). :meth:`model` runs it in the subset plates; the log-likelihood estimator
         (:func:`pyro_diffmvae.loglik.log_likelihood`) replays it under a particle plate.
 
         ``private_latents``: a modality whose decoder takes a private latent (MMVAE+'s
@@ -266,7 +269,7 @@ class MultimodalVAE(PyroModule):
             zero = available.new_zeros((), dtype=_latent_dtype(_float_dtype(data)))  # z in >= float32, as in the guide
             z = pyro.sample("z", dist.Normal(zero, 1.0).expand([self.latent_dim]).to_event(1))
         for j, name in enumerate(self.names):
-            if name not in data:
+            if name not in data or name in self.unscored:
                 continue
             modality = self.modalities[name]
             with poutine.mask(mask=available[:, j]), poutine.scale(scale=modality.weight):

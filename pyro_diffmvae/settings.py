@@ -139,6 +139,7 @@ RULES: dict[str, Callable[[object], str | None]] = {
     "trainer.nonfinite": _one_of("stop", "skip"),
     "trainer.max_nonfinite": _non_negative_int,
     "trainer.kl_warmup_steps": _non_negative_int,
+    "trainer.diffusion_warmup_steps": _non_negative_int,
     # the latent score prior
     "latent_prior.hidden": _positive_int,
     "latent_prior.num_blocks": _positive_int,

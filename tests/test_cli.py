@@ -146,6 +146,15 @@ def test_the_polymnist_lever_presets_differ_from_their_twin_only_in_the_lever():
     assert guided == shared
     shared.model.unet.shared = False
     assert shared == twin
+    hint = _compose("experiment=polymnist_diffmvae_star_v_shared_hint_cpu")
+    hint_guided = _compose("experiment=polymnist_diffmvae_star_v_shared_hint_guided_cpu")
+    assert (hint_guided.model.diffusion.cond_dropout, hint_guided.evaluation.guidance) == (0.1, 2.0)
+    warmup = _compose("experiment=polymnist_diffmvae_star_v_shared_hint_guided_warmup_cpu")
+    assert warmup.trainer.diffusion_warmup_steps == 1000
+    warmup.trainer.diffusion_warmup_steps = 0
+    assert warmup == hint_guided
+    hint_guided.model.diffusion.cond_dropout, hint_guided.evaluation.guidance = 0.0, None
+    assert hint_guided == hint
 
 
 def _levers(script: Path) -> list[tuple[str, list[str]]]:
