@@ -258,8 +258,9 @@ class MultimodalVAE(PyroModule):
     def joint(self, data: Mapping[str, torch.Tensor], available: torch.Tensor, private_latents: bool = False) -> None:
         r"""The generative program inside the caller's plates: ``z ~ N(0, I)`` (β-scaled), then
         ``x_<name> ~ p(x^m | z)`` for each modality of ``data`` (masked where ``available`` ``(B, M)``
-        is false, λ_m-scaled; left out for the names in ``self.unscored``). :meth:`model` runs it in the subset plates; the log-likelihood estimator
-        (:func:`pyro_diffmvae.loglik.log_likelihood`) replays it under a particle plate.
+        is false, λ_m-scaled; left out for the names in ``self.unscored``). :meth:`model` runs it in the subset
+        plates; the log-likelihood estimator (:func:`pyro_diffmvae.loglik.log_likelihood`) replays it under a
+        particle plate.
 
         ``private_latents``: a modality whose decoder takes a private latent (MMVAE+'s
         :class:`~pyro_diffmvae.nets.mmvae_plus.PrivateLatentDecoder`, which has ``private_dim``) gets a

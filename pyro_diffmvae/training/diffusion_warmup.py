@@ -8,10 +8,10 @@ z first, at the speed of a feed-forward model, before the diffusion decoders sta
           + \gamma\sum_{m\,\in\,\text{hinted}}\mathbb E_{q(z\mid x_{A,b})}\log p_{\phi_m}(x^m_b\mid z)
           - \beta\,\mathrm{KL}\big(q(z\mid x_{A,b})\,\Vert\,p(z)\big)\Big\}
 
-(the subset ELBO of paper eq. 3–5 with the diffusion terms, its eq. 9, dropped; with the hint term of
-:mod:`pyro_diffmvae.objectives.hint_elbo`). With hints this is MoPoE with the hint decoders as decoders;
-without them (and without feed-forward modalities) nothing but the KL is left, and z collapses: the callback
-refuses a model with no other term. The diffusion decoders' networks are not run during warm-up (their site is
+(the subset ELBO of paper eq. 3–5 with the diffusion terms, the score-matching bounds of its eq. 2, dropped;
+with the hint term of :mod:`pyro_diffmvae.objectives.hint_elbo`). With hints this is MoPoE with the hint
+decoders as decoders; without them (and without feed-forward modalities) nothing but the KL is left, and z
+collapses: the callback refuses a model with no other term. The diffusion decoders' networks are not run during warm-up (their site is
 not in the trace), so a warm-up step costs what a feed-forward step costs. From step K on the objective is the
 configured one again. Validation always scores the full objective, so ``best.ckpt`` compares like with like.
 ``trainer.diffusion_warmup_steps`` (0: off). Not in the paper; the objective is not the ELBO during warm-up.
