@@ -11,7 +11,10 @@ One concept per module:
   :func:`rank_and_world_size`;
 * :mod:`~pyro_diffmvae.training.accelerator`: channels-last and ``torch.compile`` of the diffusion
   decoders' ε-networks (the GPU path);
-* :mod:`~pyro_diffmvae.training.svi`: :func:`fit_svi`.
+* :mod:`~pyro_diffmvae.training.svi`: :func:`fit_svi`;
+* :mod:`~pyro_diffmvae.training.warmup`: :class:`Warmup`, the schedule of the warm-up callbacks
+  :class:`~pyro_diffmvae.training.kl_warmup.KLWarmup` and
+  :class:`~pyro_diffmvae.training.diffusion_warmup.DiffusionWarmup`.
 
 Robust runs are on by default through :func:`make_trainer` and :class:`ResumableDataLoader`: a
 non-finite loss stops the run (or its batch is skipped) naming the step and the ELBO terms,

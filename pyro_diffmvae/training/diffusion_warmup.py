@@ -11,41 +11,37 @@ z first, at the speed of a feed-forward model, before the diffusion decoders sta
 (the subset ELBO of paper eq. 3–5 with the diffusion terms, the score-matching bounds of its eq. 2, dropped;
 with the hint term of :mod:`pyro_diffmvae.objectives.hint_elbo`). With hints this is MoPoE with the hint
 decoders as decoders; without them (and without feed-forward modalities) nothing but the KL is left, and z
-collapses: the callback refuses a model with no other term. The diffusion decoders' networks are not run during warm-up (their site is
-not in the trace), so a warm-up step costs what a feed-forward step costs. From step K on the objective is the
-configured one again. Validation always scores the full objective, so ``best.ckpt`` compares like with like.
-``trainer.diffusion_warmup_steps`` (0: off). Not in the paper; the objective is not the ELBO during warm-up.
+collapses: the callback refuses a model with no other term. The diffusion decoders' networks are not run during
+warm-up (their site is not in the trace), so a warm-up step costs what a feed-forward step costs. From step K on
+the objective is the configured one again. Validation always scores the full objective, so ``best.ckpt``
+compares like with like. ``trainer.diffusion_warmup_steps`` (0: off). Not in the paper; the objective is not
+the ELBO during warm-up.
 Under DDP the diffusion networks get no gradient during warm-up, which plain DDP refuses: use
 ``trainer.strategy=ddp_find_unused_parameters_true``.
 
-A Lightning callback, as :mod:`.kl_warmup`: which sites the program scores is a property of the Pyro program
-(``MultimodalVAE.unscored``), which the callback sets and restores when training ends or fails.
+A Lightning callback with the schedule of :mod:`.warmup` (as :mod:`.kl_warmup`): which sites the program scores
+is a property of the Pyro program (``MultimodalVAE.unscored``), which the callback sets and restores when
+training ends or fails.
 """
 
 from __future__ import annotations
 
-import lightning as L
-
-from ..modality import DiffusionDecoder
+from .warmup import Warmup
 
 __all__ = ["DiffusionWarmup", "diffusion_modalities"]
 
 
 def diffusion_modalities(vae) -> frozenset[str]:
     """The names of the modalities decoded by a diffusion decoder."""
-    return frozenset(name for name, mod in vae.modalities.items() if isinstance(mod.decoder, DiffusionDecoder))
+    return frozenset(name for name, mod in vae.modalities.items() if mod.is_diffusion)
 
 
-class DiffusionWarmup(L.Callback):
+class DiffusionWarmup(Warmup):
     """Leave the diffusion decoders' likelihood sites out of the program while ``global_step < steps``."""
 
-    def __init__(self, steps: int):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"diffusion warm-up steps must be a positive int, got {steps!r}")
-        self.steps = steps
-        self._left_out: frozenset[str] | None = None  # the diffusion modalities, found at the first batch
+    name = "diffusion warm-up"
 
-    def _find(self, pl_module) -> frozenset[str]:
+    def start(self, pl_module) -> None:
         vae = pl_module.vae
         left_out = diffusion_modalities(vae)
         if not left_out:
@@ -56,25 +52,7 @@ class DiffusionWarmup(L.Callback):
             raise ValueError("trainer.diffusion_warmup_steps > 0: every modality has a diffusion decoder and no hint term "
                              "is trained (model.unet.hint=true with model.objective=elbo_hint, hint_weight > 0), so "
                              "the warm-up objective would be the KL alone and z would collapse")
-        return left_out
+        self._left_out = left_out
 
-    def _set(self, pl_module, warming: bool) -> None:
-        pl_module.vae.unscored = self._left_out if warming else frozenset()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._left_out is None:
-            self._left_out = self._find(pl_module)
-        self._set(pl_module, trainer.global_step < self.steps)
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._set(pl_module, False)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self._left_out is not None:
-            self._set(pl_module, trainer.global_step < self.steps)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._set(pl_module, False)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self.on_train_end(trainer, pl_module)
+    def apply(self, pl_module, step: int | None) -> None:
+        pl_module.vae.unscored = self._left_out if step is not None and step < self.steps else frozenset()

@@ -15,46 +15,26 @@ together and restores when training ends or fails.
 
 from __future__ import annotations
 
-import lightning as L
+from .warmup import Warmup
 
 __all__ = ["KLWarmup"]
 
 
-class KLWarmup(L.Callback):
+class KLWarmup(Warmup):
     """Scale ``vae.beta`` (and the objective's own ``beta``, when it has one) by ``min(1, (step + 1) / steps)``."""
 
-    def __init__(self, steps: int):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"KL warm-up steps must be a positive int, got {steps!r}")
-        self.steps = steps
-        self._full = None  # (vae.beta, objective.beta or None) as configured
+    name = "KL warm-up"
 
     def factor(self, step: int) -> float:
         """min(1, (step + 1) / steps) at optimizer step ``step`` (0-based)."""
         return min(1.0, (step + 1) / self.steps)
 
-    def _set(self, pl_module, factor: float) -> None:
+    def start(self, pl_module) -> None:
+        self._full = (pl_module.vae.beta, getattr(pl_module.objective, "beta", None))  # as configured
+
+    def apply(self, pl_module, step: int | None) -> None:
+        factor = 1.0 if step is None else self.factor(step)
         vae_beta, objective_beta = self._full
         pl_module.vae.beta = vae_beta * factor
         if objective_beta is not None:
             pl_module.objective.beta = objective_beta * factor
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._full is None:
-            self._full = (pl_module.vae.beta, getattr(pl_module.objective, "beta", None))
-        self._set(pl_module, self.factor(trainer.global_step))
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if self._full is not None:
-            self._set(pl_module, 1.0)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if self._full is not None:
-            self._set(pl_module, self.factor(trainer.global_step))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._full is not None:
-            self._set(pl_module, 1.0)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self.on_train_end(trainer, pl_module)
