@@ -18,12 +18,12 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets.hint import HintedEps, check_hint_start, find_hint, memoised_hints, noised_hint
+from .nets.hint import HintedEps, check_hint_start, find_hint, find_hinted, memoised_hints, noised_hint
 from .nets.parameterization import EpsFromPrediction
 from .likelihoods import ScoreMatchingLikelihood
 from . import samplers as _samplers
 from .guidance import GuidedEps, check_cond_dropout, check_guidance, drop_conditioning
-from .sampling_precision import SAMPLE_PRECISIONS, AutocastEps, check_sample_precision
+from .sampling_precision import SAMPLE_PRECISIONS, AutocastEps, check_sample_precision, warn_if_bf16_is_emulated
 from .sde import VPSDE
 from .weighting import Weighting
 
@@ -304,11 +304,13 @@ class DiffusionDecoder(nn.Module):
             kwargs["sampler_kwargs"] = {"x0_range": self.output_range}  # clip x0-hat at every DDIM / DPM-Solver++ step
         eps_net = self.eps_net if self.guidance == 1.0 else GuidedEps(self.eps_net, self.null_z, self.guidance)
         if SAMPLE_PRECISIONS[self.sample_precision] is not None:
+            warn_if_bf16_is_emulated(z.device)
             eps_net = AutocastEps(eps_net, SAMPLE_PRECISIONS[self.sample_precision])
         with memoised_hints(self.eps_net):  # the hint of z once per call, not once per sampler step
             if self.hint_start is not None:
                 kwargs["sampler_kwargs"] = {**kwargs.get("sampler_kwargs", {}), "t_start": self.hint_start,
-                                            "x_T": noised_hint(self.hint, z, self.hint_start, self.sde)}
+                                            "x_T": noised_hint(find_hinted(self.eps_net).hint_mean, z, self.hint_start,
+                                                               self.sde)}
             x = ScoreMatchingLikelihood(eps_net, z, self.sde, event_shape=self.event_shape, **kwargs).sample()
         return x if self.output_range is None else x.clamp(*self.output_range)
 

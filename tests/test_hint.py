@@ -313,6 +313,32 @@ def test_generation_decodes_each_hint_once_per_call_and_never_reuses_a_stale_one
         assert len(calls) == per_step + 3 and not torch.allclose(x1_new, x1)
 
 
+def test_a_start_from_the_noised_hint_decodes_the_hint_once_for_the_start_and_every_step():
+    # With hint_start the start x_t0 = α x̂_φ(z) + σ ε needs the hint too: it goes through the same memo as the
+    # sampler's steps, so a call decodes z once, and the start is built from that very decoding (the
+    # samples equal those of a start computed from hint.mean directly). Catches the start decoding the hint
+    # a second time (the leftover of the fourteenth session) or starting from another z's hint.
+    from pyro_diffmvae.likelihoods import ScoreMatchingLikelihood
+    from pyro_diffmvae.nets.hint import noised_hint
+
+    torch.manual_seed(0)
+    hint = _hint()
+    decoder = DiffusionDecoder(LinearEps(), (X,), hint=hint, sampler="ddim", sampler_steps=10, hint_start=0.5)
+    calls = []
+    mean = hint.mean
+    hint.mean = lambda z: calls.append(z) or mean(z)
+    z = torch.randn(6, D)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        x = decoder.generate(z)
+        assert len(calls) == 1 and torch.equal(calls[0], z)
+        torch.manual_seed(1)
+        start = noised_hint(mean, z, 0.5, decoder.sde)
+        kwargs = {**decoder.likelihood_kwargs, "sampler_kwargs": {"t_start": 0.5, "x_T": start}}
+        expected = ScoreMatchingLikelihood(decoder.eps_net, z, decoder.sde, event_shape=(X,), **kwargs).sample()
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("t0", [0.2, 0.5])  # shrink factors 0.68 and 1.73 of s = 2
 def test_a_start_from_the_noised_hint_shrinks_the_residual_by_the_closed_form_factor(t0):
     # x = x̂_φ(z) + s n (n ~ N(0, I)), decoded by the exact residual predictor (so the ε-network of x is exact).

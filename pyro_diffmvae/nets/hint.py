@@ -68,7 +68,7 @@ from ..samplers import is_start_time
 from ..sde import VPSDE
 from .parameterization import PREDICTIONS
 
-__all__ = ["HintedEps", "find_hint", "memoised_hints", "check_hint_start", "noised_hint", "hint_start"]
+__all__ = ["HintedEps", "find_hint", "find_hinted", "memoised_hints", "check_hint_start", "noised_hint", "hint_start"]
 
 
 class HintedEps(nn.Module):
@@ -107,7 +107,7 @@ class HintedEps(nn.Module):
         self.prediction = prediction
         self._memo: list | None = None  # [z, hint] of the last call, inside memoised_hints only
 
-    def _hint_mean(self, z: torch.Tensor) -> torch.Tensor:
+    def hint_mean(self, z: torch.Tensor) -> torch.Tensor:
         """``hint.mean(z)``; inside :func:`memoised_hints` without gradients, the last result again for equal z."""
         if self._memo is None or torch.is_grad_enabled():
             return self.hint.mean(z)
@@ -120,7 +120,7 @@ class HintedEps(nn.Module):
     def forward(self, x_t: torch.Tensor, z: torch.Tensor, t) -> torch.Tensor:
         if z is None:
             raise ValueError("a hinted ε-network decodes z into its hint; got z=None")
-        hint = self._hint_mean(z)
+        hint = self.hint_mean(z)
         if hint.shape != x_t.shape:
             raise ValueError(f"the hint decoder gives images of shape {tuple(hint.shape)}, x_t has shape {tuple(x_t.shape)}")
         hint = hint.to(x_t.dtype)
@@ -142,14 +142,20 @@ class HintedEps(nn.Module):
         return f"residual={self.residual}" + (f", prediction={self.prediction!r}" if self.residual else "")
 
 
-def find_hint(eps_net: nn.Module) -> nn.Module | None:
-    """The hint decoder inside ``eps_net`` (through wrappers that hold their network as ``.net``), or None."""
+def find_hinted(eps_net: nn.Module) -> HintedEps | None:
+    """The :class:`HintedEps` inside ``eps_net`` (through wrappers that hold their network as ``.net``), or None."""
     net = eps_net
     while isinstance(net, nn.Module):
         if isinstance(net, HintedEps):
-            return net.hint
+            return net
         net = getattr(net, "net", None)
     return None
+
+
+def find_hint(eps_net: nn.Module) -> nn.Module | None:
+    """The hint decoder inside ``eps_net`` (through wrappers that hold their network as ``.net``), or None."""
+    hinted = find_hinted(eps_net)
+    return None if hinted is None else hinted.hint
 
 
 def check_hint_start(t0, sde: VPSDE) -> float | None:
@@ -161,11 +167,13 @@ def check_hint_start(t0, sde: VPSDE) -> float | None:
     return float(t0)
 
 
-def noised_hint(hint: nn.Module, z: torch.Tensor, t0: float, sde: VPSDE,
+def noised_hint(hint_mean, z: torch.Tensor, t0: float, sde: VPSDE,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     r""":math:`x_{t_0} = \alpha_{t_0}\hat x_\phi(z) + \sigma_{t_0}\epsilon`, flattened to ``(n, *event)`` with n the
-    number of z's (``z`` of shape ``(..., D)``): the start of generation from the hint (module docstring)."""
-    mean = hint.mean(z.reshape(-1, z.shape[-1]))
+    number of z's (``z`` of shape ``(..., D)``): the start of generation from the hint (module docstring).
+    ``hint_mean`` maps z to :math:`\hat x_\phi(z)`: a hint decoder's ``mean``, or :meth:`HintedEps.hint_mean`,
+    which inside :func:`memoised_hints` hands the sampler's first step the same decoding again."""
+    mean = hint_mean(z.reshape(-1, z.shape[-1]))
     t = torch.tensor(float(t0), dtype=torch.float64)
     alpha, sigma = float(sde.alpha(t)), float(sde.sigma(t))
     noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
