@@ -10,8 +10,8 @@ chooses) and its output is returned in the input's dtype, so the sampler's state
 calls run about 1.6–1.9× faster; on CPUs without it bf16 is emulated and slower — on a CPU whose oneDNN has no
 bf16 kernels at all (AVX2 only, no AVX-512) 8.4× slower than float32, measured on a 2-core AMD EPYC, and
 :meth:`~pyro_diffmvae.modality.DiffusionDecoder.generate` warns there (:func:`bf16_is_native`); on GPUs it is
-the usual fast path. ``experiments/benchmarks/bench_sample_precision.py`` measures both on the machine at hand. bf16 keeps 8
-bits of mantissa: the network's output carries a relative error of about 2⁻⁸ ≈ 0.4 %. A v- or
+the usual fast path. ``experiments/benchmarks/bench_sample_precision.py`` measures both on the machine at hand.
+bf16 keeps 8 bits of mantissa: the network's output carries a relative error of about 2⁻⁸ ≈ 0.4 %. A v- or
 x₀-predicting network's :math:`\hat x_0` inherits that error as it is; an ε-predicting one's is multiplied by
 :math:`\sigma_t/\alpha_t` (≈ 150 at t = 1 for the default VP schedule), so use bf16 sampling with
 ε-prediction only after checking its effect (:func:`~pyro_diffmvae.metrics.denoising_error_by_time`, or an
